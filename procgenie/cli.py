@@ -1,0 +1,184 @@
+"""`procgenie <command>`: the command line. Each command imports its heavy parts lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from procgenie.errors import UserError
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _collect(a) -> None:
+    from procgenie.data.collect import collect
+    collect(a.out, a.episodes, env=a.env, policy=a.policy, start_level=a.start_level, num_levels=a.num_levels,
+            max_steps=a.max_steps, seed=a.seed, workers=a.workers, envs=a.envs, shard_frames=a.shard_frames)
+
+
+def _data(a) -> None:
+    from procgenie.data import store
+    if a.action == "validate":
+        manifest = store.read_manifest(a.dir)
+        problems = list(store.iter_problems(__import__("pathlib").Path(a.dir), manifest))
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            raise UserError(f"{a.dir}: {len(problems)} damaged shard(s); recollect them by deleting their "
+                            "records from manifest.json and rerunning the collect command")
+        n = sum(s["frames"] for s in manifest["shards"])
+        print(f"{a.dir}: {len(manifest['shards'])} shards, {n:,} frames: all checksums and shapes are good")
+        return
+    info = store.summary(store.Dataset(a.dir, verify=False))
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"dataset {a.dir}: {info['env']}, {info['image_size']}x{info['image_size']} frames")
+    print(f"  episodes {info['episodes']:,}  frames {info['frames']:,}  mean episode length "
+          f"{info['mean_episode_length']:.1f}  truncated {info['truncated']}")
+    for s, d in info["splits"].items():
+        print(f"  {s:<5} {d['episodes']:>7,} episodes {d['frames']:>10,} frames {d['levels']:>6,} levels")
+    print(f"  reached the coin (return > 0): {info['reached_coin']:.1%} of episodes")
+    total = max(1, sum(info["action_histogram"].values()))
+    print("  actions: " + "  ".join(f"{k} {v / total:.1%}" for k, v in info["action_histogram"].items()))
+    c = info["collect"]
+    print(f"  collected with policy {c.get('policy')}, levels [{c.get('start_level')}, "
+          f"{c.get('start_level', 0) + c.get('num_levels', 0)}), seed {c.get('seed')}, max steps {c.get('max_steps')}")
+
+
+def _train(a) -> None:
+    from procgenie.train import train_stages
+    train_stages(a.stage, a.data, a.run, preset=a.preset, steps=a.steps, overrides=a.set or [])
+
+
+def _eval(a) -> None:
+    from procgenie.evaluate import evaluate
+    evaluate(a.checkpoint, a.data, a.out, episodes=a.episodes, context=a.context, horizon=a.horizon,
+             maskgit_steps=a.maskgit_steps, seed=a.seed)
+
+
+def _play(a) -> None:
+    from procgenie.play.server import serve
+    serve(a.checkpoint, host=a.host, port=a.port, maskgit_steps=a.maskgit_steps, level=a.start_level)
+
+
+def _dream(a) -> None:
+    from procgenie.dream import dream
+    dream(a.checkpoint, a.out, actions=a.actions, steps=a.steps, level=a.level, fps=a.fps, seed=a.seed,
+          maskgit_steps=a.maskgit_steps)
+
+
+def _bench(a) -> None:
+    from procgenie.bench import bench
+    bench(a.checkpoint, json_path=a.json, seconds=a.seconds, maskgit_steps=a.maskgit_steps, preset=a.preset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from procgenie.config import PRESETS, help_text
+    p = argparse.ArgumentParser(prog="procgenie", description="A Genie-style world model of Procgen CoinRun: "
+                                "collect play, train tokenizer, latent action model and dynamics, evaluate, play.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("collect", help="play Procgen and write a dataset", description=(
+        "Plays Procgen with vectorised environments and writes frames, real actions, rewards, episode starts "
+        "and level seeds. Levels are split train/val/test by seed, never shared. Rerun the same command "
+        "after a crash to continue."))
+    c.add_argument("--out", required=True, help="dataset folder")
+    c.add_argument("--episodes", type=int, required=True, help="episodes the dataset should hold in total")
+    c.add_argument("--env", default="coinrun", help="Procgen game (default coinrun)")
+    c.add_argument("--policy", default="random", help="random | sticky | explorer | mixed (default random)")
+    c.add_argument("--start-level", type=int, default=0, help="first level seed (default 0)")
+    c.add_argument("--num-levels", type=int, default=10_000,
+                   help="levels in the range (default 10000; 0 draws from all 2^31 levels)")
+    c.add_argument("--max-steps", type=int, default=1000, help="cut episodes at this many steps (default 1000)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the environments and the policy (default 0)")
+    c.add_argument("--workers", type=int, default=1, help="collector processes (default 1)")
+    c.add_argument("--envs", type=int, default=16, help="environments per worker (default 16)")
+    c.add_argument("--shard-frames", type=int, default=8192, help="frames per shard file (default 8192)")
+    c.set_defaults(fn=_collect)
+
+    d = sub.add_parser("data", help="summarise or check a dataset",
+                       description="`data info DIR` summarises a dataset; `data validate DIR` checks every "
+                                   "checksum and shape and exits non-zero naming each damaged shard.")
+    d.add_argument("action", choices=["info", "validate"])
+    d.add_argument("dir", help="dataset folder")
+    d.add_argument("--json", action="store_true", help="info: print JSON")
+    d.set_defaults(fn=_data)
+
+    t = sub.add_parser("train", help="train a stage, or all three in order", formatter_class=RAW,
+                       description="Trains the tokenizer, the latent action model, the dynamics model, or all "
+                                   "three in order. Rerunning the same command resumes from the last checkpoint.",
+                       epilog=help_text(("tokenizer", "lam", "dynamics")))
+    t.add_argument("stage", choices=["tokenizer", "lam", "dynamics", "all"])
+    t.add_argument("--data", required=True, help="dataset folder (from `procgenie collect`)")
+    t.add_argument("--run", required=True, help="run folder: RUN/tokenizer, RUN/lam, RUN/dynamics")
+    t.add_argument("--preset", default=None, choices=PRESETS,
+                   help="tiny | cpu | seed | genie (default cpu, or the run's own on resume)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
+    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields (see below)")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="evaluate a world model on the test split",
+                       description="Writes metrics.json, pictures, plots, a GIF and report.html into --out.")
+    e.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
+    e.add_argument("--data", required=True, help="dataset folder; its test split is used")
+    e.add_argument("--out", required=True, help="folder for the report")
+    e.add_argument("--episodes", type=int, default=32, help="test episodes (default 32)")
+    e.add_argument("--context", type=int, default=4, help="context frames (default 4)")
+    e.add_argument("--horizon", type=int, default=10, help="frames generated after the context (default 10)")
+    e.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps (default: the model's)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    e.set_defaults(fn=_eval)
+
+    pl = sub.add_parser("play", help="play the learned world in a browser",
+                        description="Serves a page on which you play the learned world with the keyboard.")
+    pl.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
+    pl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    pl.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    pl.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps per frame (default: fast)")
+    pl.add_argument("--start-level", type=int, default=None, help="first level seed (default: random test level)")
+    pl.set_defaults(fn=_play)
+
+    dr = sub.add_parser("dream", help="render a rollout of the learned world to GIF or MP4",
+                        description="Starts from a real Procgen level and lets the world model dream on.")
+    dr.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
+    dr.add_argument("--out", required=True, help="FILE.gif or FILE.mp4")
+    dr.add_argument("--actions", default=None, help="actions, e.g. 'right*10,right-up*5,left*3' (CoinRun "
+                    "names) or latent ids like '3,3,1' (default: right-leaning play)")
+    dr.add_argument("--steps", type=int, default=32, help="frames to dream (default 32)")
+    dr.add_argument("--level", type=int, default=None, help="start level seed (default: a test level)")
+    dr.add_argument("--fps", type=int, default=15, help="frames per second of the file (default 15)")
+    dr.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    dr.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps (default: the model's)")
+    dr.set_defaults(fn=_dream)
+
+    b = sub.add_parser("bench", help="measure training and play speed",
+                       description="Training frames/s per stage, matmul peak share, play fps and latency.")
+    b.add_argument("--checkpoint", default=None, help="run folder for play timings (default: the bundled model)")
+    b.add_argument("--json", default=None, help="write the results to this JSON file")
+    b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
+    b.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (default 10)")
+    b.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps for play (default: play's)")
+    b.set_defaults(fn=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"procgenie {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"procgenie {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Typed configs for the three models and their training, the presets, and `--set` overrides.
+
+Every field carries a one-line `help` that `procgenie train --help` prints. A stage's resolved
+config (model + train) is written to `RUN/<stage>/config.json`, and every loader rebuilds the
+model from that file alone: no hyperparameter is declared twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from procgenie.errors import UserError
+
+STAGES = ("tokenizer", "lam", "dynamics")
+PRESETS = ("tiny", "cpu", "seed", "genie")
+
+
+def _f(default, help: str):
+    """A dataclass field with a help line (tuples get a default_factory-free frozen default)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TokenizerConfig:
+    """Video tokenizer: conv stem -> ST-transformer -> quantizer -> ST-transformer -> conv head."""
+
+    image_size: int = _f(64, "frame side in pixels")
+    patch_size: int = _f(4, "pixels per token side: 4 gives a 16x16 token grid at 64 px")
+    stem_channels: int = _f(64, "channels of the convolutional stem/head (0: plain linear patches)")
+    width: int = _f(256, "transformer width")
+    enc_depth: int = _f(4, "encoder ST-transformer blocks")
+    dec_depth: int = _f(4, "decoder ST-transformer blocks")
+    heads: int = _f(4, "attention heads")
+    quantizer: str = _f("fsq", "'fsq' (finite scalar quantization) or 'vq' (learned codebook)")
+    fsq_levels: tuple[int, ...] = _f((8, 5, 5, 5), "FSQ levels per dimension (codebook = product)")
+    codebook_size: int = _f(1024, "VQ codebook entries (ignored by FSQ)")
+    code_dim: int = _f(32, "VQ code dimension (ignored by FSQ)")
+    commitment: float = _f(0.25, "VQ commitment loss weight")
+    seq_len: int = _f(4, "frames per training clip")
+
+
+@dataclass
+class LAMConfig:
+    """Latent action model: infers a_t from x_1..x_{t+1}; a decoder rebuilds x_{t+1} from x_1..x_t, a_t."""
+
+    image_size: int = _f(64, "frame side in pixels")
+    patch_size: int = _f(8, "pixels per patch side")
+    width: int = _f(256, "transformer width")
+    enc_depth: int = _f(4, "encoder ST-transformer blocks")
+    dec_depth: int = _f(4, "decoder ST-transformer blocks")
+    heads: int = _f(4, "attention heads")
+    num_actions: int = _f(8, "latent action codebook size")
+    code_dim: int = _f(32, "latent action code dimension")
+    commitment: float = _f(0.25, "VQ commitment loss weight")
+    action_cond: str = _f("token", "how the decoder sees a_t: 'token' (own token) or 'add' (added to every patch)")
+    seq_len: int = _f(8, "frames per training clip")
+
+
+@dataclass
+class DynamicsConfig:
+    """MaskGIT dynamics model over tokenizer tokens, conditioned on latent actions."""
+
+    width: int = _f(256, "transformer width")
+    depth: int = _f(4, "ST-transformer blocks")
+    heads: int = _f(4, "attention heads")
+    action_cond: str = _f("token", "how a_t enters: 'token' (own token per frame) or 'add' (added to every token)")
+    mask_min: float = _f(0.5, "lowest training mask rate")
+    mask_max: float = _f(1.0, "highest training mask rate")
+    maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
+    temperature: float = _f(1.0, "sampling temperature (0: greedy)")
+    seq_len: int = _f(16, "frames per training clip (and the longest context)")
+
+
+@dataclass
+class TrainConfig:
+    """One stage's optimisation settings; the same loop trains every stage."""
+
+    steps: int = _f(2000, "optimizer steps")
+    batch_size: int = _f(16, "clips per step, summed over all ranks and accumulation micro-steps")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr_frac: float = _f(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup: int = _f(100, "linear warmup steps")
+    weight_decay: float = _f(0.05, "AdamW weight decay (matrices only)")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
+    bf16: bool = _f(True, "bf16 autocast (CPU and CUDA)")
+    compile: bool = _f(False, "torch.compile the model")
+    act_ckpt: bool = _f(False, "activation checkpointing of transformer blocks")
+    seed: int = _f(0, "seed for initialisation, data order and masking")
+    workers: int = _f(1, "DataLoader worker processes")
+    log_every: int = _f(25, "steps between log lines")
+    ckpt_every: int = _f(250, "steps between checkpoints")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable resume on CPU)")
+
+
+MODEL_CONFIGS = {"tokenizer": TokenizerConfig, "lam": LAMConfig, "dynamics": DynamicsConfig}
+
+
+@dataclass
+class StageConfig:
+    """What `RUN/<stage>/config.json` holds: the model's and the trainer's settings."""
+
+    stage: str
+    model: typing.Any
+    train: TrainConfig
+
+
+def preset(name: str) -> dict[str, StageConfig]:
+    """The three stages' configs of a preset."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    tok, lam, dyn = TokenizerConfig(), LAMConfig(), DynamicsConfig()
+    t_tok, t_lam, t_dyn = TrainConfig(), TrainConfig(), TrainConfig()
+    if name == "tiny":  # seconds on a CPU: for tests and the README's quick path
+        tok = TokenizerConfig(patch_size=8, stem_channels=16, width=32, enc_depth=1, dec_depth=1, heads=2,
+                              fsq_levels=(5, 5, 5), seq_len=2)
+        lam = LAMConfig(patch_size=16, width=32, enc_depth=1, dec_depth=1, heads=2, seq_len=4)
+        dyn = DynamicsConfig(width=32, depth=1, heads=2, maskgit_steps=2, seq_len=4)
+        t_tok = t_lam = t_dyn = TrainConfig(steps=20, batch_size=4, lr=2e-3, warmup=2, log_every=5, ckpt_every=10)
+    elif name == "cpu":  # the default: all three stages in about an hour on 2 cores
+        t_tok = TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup=100)
+        t_lam = TrainConfig(steps=1500, batch_size=8, lr=1e-3, warmup=100)
+        t_dyn = TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup=100)
+    elif name == "seed":  # the original Config class of SEED.md
+        tok = TokenizerConfig(quantizer="vq", codebook_size=512, code_dim=64, width=256, heads=4,
+                              enc_depth=4, dec_depth=4, seq_len=16)
+        lam = LAMConfig(width=256, heads=4, enc_depth=4, dec_depth=4, seq_len=16)
+        dyn = DynamicsConfig(width=256, heads=4, depth=4, seq_len=16)
+    elif name == "genie":  # Genie's CoinRun case study (Bruce et al. 2024, appendix)
+        tok = TokenizerConfig(quantizer="vq", codebook_size=1024, code_dim=32, patch_size=4, width=512,
+                              enc_depth=8, dec_depth=8, heads=8, seq_len=16)
+        lam = LAMConfig(num_actions=6, width=512, enc_depth=8, dec_depth=8, heads=8, seq_len=16)
+        dyn = DynamicsConfig(width=512, depth=12, heads=8, maskgit_steps=25, seq_len=16)
+        t_tok = TrainConfig(steps=300_000, batch_size=48, lr=3e-4, warmup=1000, act_ckpt=True)
+        t_lam = TrainConfig(steps=200_000, batch_size=36, lr=3e-5, warmup=1000, act_ckpt=True)
+        t_dyn = TrainConfig(steps=200_000, batch_size=36, lr=3e-5, warmup=1000, act_ckpt=True)
+    return {"tokenizer": StageConfig("tokenizer", tok, t_tok),
+            "lam": StageConfig("lam", lam, t_lam),
+            "dynamics": StageConfig("dynamics", dyn, t_dyn)}
+
+
+# ---------------------------------------------------------------------------------------------
+# --set key=value overrides
+
+def _parse_value(raw: str, typ, key: str):
+    """Parse one override value to the field's declared type, or raise a one-line UserError."""
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            v = float(raw)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError
+            return v
+        if typ is str:
+            return raw
+        if origin is tuple:
+            parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
+            return tuple(int(p) for p in parts)
+    except ValueError:
+        pass
+    want = {bool: "true or false", int: "an integer", float: "a finite number", str: "text"}.get(
+        typ, "comma-separated integers like 8,5,5,5")
+    raise UserError(f"bad value for --set {key}={raw!r}: expected {want}")
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def apply_overrides(stages: dict[str, StageConfig], overrides: list[str], only: tuple[str, ...]) -> None:
+    """Apply `key=value` overrides in place to the stages in `only`.
+
+    Keys: `field` (the stage's model, then its train config), `model.field`, `train.field`,
+    `<stage>.field` or `<stage>.train.field`.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"bad --set '{item}': write it as key=value, e.g. --set lr=3e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        targets = only
+        if parts[0] in STAGES:
+            targets = (parts[0],)
+            parts = parts[1:]
+            if parts[0:1] == ["model"]:
+                parts = parts[1:]
+        hit = False
+        for stage in targets:
+            sc = stages[stage]
+            if len(parts) == 1:
+                where = [sc.model, sc.train]
+            elif len(parts) == 2 and parts[0] in ("model", "train"):
+                where = [sc.model if parts[0] == "model" else sc.train]
+            else:
+                where = []
+            name = parts[-1] if parts else ""
+            for obj in where:
+                types_ = _field_types(type(obj))
+                if name in types_:
+                    setattr(obj, name, _parse_value(raw, types_[name], key))
+                    hit = True
+                    break
+        if not hit:
+            valid = sorted({n for s in only for n in list(_field_types(type(stages[s].model)))
+                            + list(_field_types(TrainConfig))})
+            raise UserError(f"unknown --set key '{key}' for {'/'.join(only)}: valid keys are {', '.join(valid)}")
+    for stage in only:
+        validate(stages[stage])
+
+
+def validate(sc: StageConfig) -> None:
+    """Cross-field checks that a bad override would otherwise turn into a shape error deep inside."""
+    m, t = sc.model, sc.train
+    if hasattr(m, "image_size") and m.image_size % m.patch_size:
+        raise UserError(f"{sc.stage}: patch_size {m.patch_size} must divide image_size {m.image_size}")
+    if m.width % m.heads:
+        raise UserError(f"{sc.stage}: width {m.width} must be divisible by heads {m.heads}")
+    if getattr(m, "quantizer", "fsq") not in ("fsq", "vq"):
+        raise UserError(f"{sc.stage}: quantizer must be 'fsq' or 'vq', not '{m.quantizer}'")
+    if getattr(m, "action_cond", "token") not in ("token", "add"):
+        raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
+    if m.seq_len < 2 and sc.stage != "tokenizer":
+        raise UserError(f"{sc.stage}: seq_len must be at least 2")
+    if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}")
+    for name in ("lr", "warmup", "weight_decay", "grad_clip"):
+        if getattr(t, name) < 0:
+            raise UserError(f"{sc.stage}: train.{name} must not be negative")
+
+
+def help_text(stages: tuple[str, ...]) -> str:
+    """The `--set` keys with their help lines, for argparse epilogs."""
+    lines = []
+    for stage in stages:
+        cls = MODEL_CONFIGS[stage]
+        lines.append(f"{stage} model keys (--set {stage}.KEY=V or KEY=V):")
+        lines += [f"  {f.name:<15} {f.metadata['help']} [{f.default}]" for f in dataclasses.fields(cls)]
+    lines.append("train keys (--set train.KEY=V or KEY=V), defaults of the cpu preset vary by stage:")
+    lines += [f"  {f.name:<15} {f.metadata['help']}" for f in dataclasses.fields(TrainConfig)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# (de)serialisation
+
+def to_dict(sc: StageConfig) -> dict:
+    return {"stage": sc.stage, "model": dataclasses.asdict(sc.model), "train": dataclasses.asdict(sc.train)}
+
+
+def _from_fields(cls, d: dict):
+    types_ = _field_types(cls)
+    kwargs = {}
+    for k, v in d.items():
+        if k not in types_:
+            raise UserError(f"config has unknown field '{k}' for {cls.__name__}: it was written by an "
+                            "incompatible procgenie version; retrain with this version")
+        kwargs[k] = tuple(v) if typing.get_origin(types_[k]) is tuple else v
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> StageConfig:
+    stage = d.get("stage")
+    if stage not in MODEL_CONFIGS:
+        raise UserError(f"config names an unknown stage '{stage}'")
+    return StageConfig(stage, _from_fields(MODEL_CONFIGS[stage], d["model"]), _from_fields(TrainConfig, d["train"]))
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False)
+

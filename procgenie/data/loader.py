@@ -1,0 +1,81 @@
+"""Training batches: random clips of T consecutive frames inside one episode, with their actions.
+
+Batch `step` is a pure function of (seed, step): resuming at step s needs no loader state, and under
+DDP rank r of w takes rows [r*B/w, (r+1)*B/w) of the same global batch, so any number of ranks
+sees exactly the clips that one process would.
+
+Letters: B clips, T frames per clip, H, W pixels, C=3 colours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from procgenie.data.store import Dataset
+from procgenie.errors import UserError
+
+
+class ClipSampler:
+    """Uniform random clips of `seq_len` frames from one split of a Dataset."""
+
+    def __init__(self, ds: Dataset, split: str, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.ds, self.seq_len, self.seed = ds, seq_len, seed
+        if batch_size % world:
+            raise UserError(f"batch_size {batch_size} must be divisible by the number of ranks {world}")
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        eps = ds.episodes(split)
+        eps = eps[eps["length"] >= seq_len]
+        if len(eps) == 0:
+            raise UserError(f"{ds.root} has no {split} episode of at least {seq_len} frames: collect more "
+                            f"episodes or lower seq_len (--set seq_len=N)")
+        self.eps = eps
+        # Clip starts: episode e offers length-T+1 of them; cum[e] counts those before it.
+        self.cum = np.concatenate([[0], np.cumsum(eps["length"] - seq_len + 1)])
+
+    @property
+    def num_clips(self) -> int:
+        return int(self.cum[-1])
+
+    def indices(self, step: int) -> np.ndarray:
+        """This rank's clip indices for optimizer step `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        idx = rng.integers(0, self.num_clips, self.batch_size)  # the global batch
+        per = self.batch_size // self.world
+        return idx[self.rank * per:(self.rank + 1) * per]
+
+    def clip(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Clip i: frames (T, H, W, C) uint8 and actions (T-1,) where action t leads from frame t to t+1."""
+        e = int(np.searchsorted(self.cum, i, side="right") - 1)
+        ep = self.eps[e]
+        shard = self.ds.shards[ep["shard"]]
+        s = int(ep["start"] + (i - self.cum[e]))
+        frames = np.asarray(shard.frames[s:s + self.seq_len])
+        actions = shard.steps["actions"][s:s + self.seq_len - 1].astype(np.int64)
+        return frames, actions
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        frames, actions = zip(*(self.clip(int(i)) for i in self.indices(step)))
+        return {"frames": torch.from_numpy(np.stack(frames)),     # (B, T, H, W, C) uint8
+                "actions": torch.from_numpy(np.stack(actions))}   # (B, T-1) int64
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k is the batch of step `start + k`: a DataLoader with workers prefetches them in order."""
+
+    def __init__(self, sampler: ClipSampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return self.sampler.batch(self.start + k)
+
+
+def batches(sampler: ClipSampler, start: int, stop: int, workers: int = 0, pin_memory: bool = False):
+    """Iterate the batches of steps [start, stop), prefetched by `workers` processes."""
+    return torch.utils.data.DataLoader(StepBatches(sampler, start, stop), batch_size=None, shuffle=False,
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=False, prefetch_factor=4 if workers else None)

@@ -1,0 +1,293 @@
+"""The on-disk dataset: sharded, memory-mapped, checksummed, written atomically.
+
+Layout of a dataset folder DIR:
+
+    DIR/manifest.json              collection settings, split rule, one record per shard
+    DIR/shards/NAME.frames.npy     uint8 (N, H, W, 3): every frame of the shard's episodes
+    DIR/shards/NAME.steps.npz      per step: actions (N,) uint8, rewards (N,) float32,
+                                   firsts (N,) bool, level_seeds (N,) int64;
+                                   per episode: truncated (E,) bool
+
+Step i holds frame i and the action taken *at* frame i, whose outcome is frame i+1 (the last
+action of an episode has no next frame). A shard holds whole episodes of one split only. The
+manifest is the source of truth: a shard counts once its record is in the manifest, so a
+collection killed at any instant loses nothing it counted and counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from procgenie.atomic import write_atomic, write_json_atomic
+from procgenie.errors import UserError
+
+FORMAT = "procgenie-dataset"
+VERSION = 1
+SPLITS = ("train", "val", "test")
+SHARD_NAME = re.compile(r"^(train|val|test)-s\d{3}-w\d{2}-\d{5}$")
+# Procgen CoinRun's 15 buttons combos, in its own action order.
+ACTION_NAMES = ("left-down", "left", "left-up", "down", "noop", "up", "right-down", "right", "right-up",
+                "d", "a", "w", "s", "q", "e")
+
+
+def split_of(level_seed: int) -> str:
+    """Split by level: no level is ever in two splits, whatever range was collected."""
+    r = int(level_seed) % 20
+    return "test" if r == 0 else "val" if r == 1 else "train"
+
+
+SPLIT_RULE = "level_seed % 20 == 0 -> test, == 1 -> val, else train"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def write_shard(root: Path, name: str, split: str, episodes: list[dict]) -> dict:
+    """Write whole episodes as one shard (two files, each atomically) and return its manifest record.
+
+    Each episode dict holds frames (L, H, W, 3) uint8, actions (L,), rewards (L,), level_seed, truncated.
+    """
+    frames = np.concatenate([e["frames"] for e in episodes])  # (N, H, W, 3)
+    lengths = [len(e["frames"]) for e in episodes]
+    firsts = np.zeros(len(frames), bool)
+    firsts[np.cumsum([0] + lengths[:-1])] = True
+    steps = dict(
+        actions=np.concatenate([e["actions"] for e in episodes]).astype(np.uint8),
+        rewards=np.concatenate([e["rewards"] for e in episodes]).astype(np.float32),
+        firsts=firsts,
+        level_seeds=np.repeat([int(e["level_seed"]) for e in episodes], lengths).astype(np.int64),
+        truncated=np.array([bool(e["truncated"]) for e in episodes]),
+    )
+    shard_dir = root / "shards"
+    fpath, spath = shard_dir / f"{name}.frames.npy", shard_dir / f"{name}.steps.npz"
+    h = hashlib.sha256()
+    write_atomic(fpath, lambda tmp: _save_hashed(tmp, frames, h))
+    write_atomic(spath, lambda tmp: _save_npz(tmp, steps))  # small: hashed by reading it back
+    return {"name": name, "split": split, "frames": int(len(frames)), "episodes": len(episodes),
+            "shape": list(frames.shape[1:]), "sha256": {"frames": h.hexdigest(), "steps": sha256_file(spath)}}
+
+
+def _save_npz(tmp: str, arrays: dict) -> None:
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _save_hashed(tmp: str, arr: np.ndarray, h) -> None:
+    """np.save, hashing the bytes on their way out (no second read of a large file)."""
+    class Hashing:
+        def write(self, b) -> int:
+            h.update(b)
+            return fh.write(b)
+    with open(tmp, "wb") as fh:
+        np.lib.format.write_array(Hashing(), arr, allow_pickle=False)
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    write_json_atomic(root / "manifest.json", manifest)
+
+
+def remove_orphans(root: Path, manifest: dict) -> int:
+    """Delete shard files that no manifest record names (leftovers of a killed run)."""
+    known = {s["name"] for s in manifest.get("shards", [])}
+    removed = 0
+    for path in (root / "shards").glob("*"):
+        stem = path.name.split(".")[0]
+        if path.name.startswith(".") and path.name.endswith(".tmp") or (SHARD_NAME.match(stem) and stem not in known):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"no dataset at {root}: collect one with `procgenie collect --out {root} --episodes 200`")
+    path = root / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{root} is not a procgenie dataset (no manifest.json): collect one with "
+                        f"`procgenie collect --out {root} --episodes 200`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e.msg if hasattr(e, 'msg') else e}): recollect the dataset") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not a procgenie dataset manifest: collect one with `procgenie collect`")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{root} has dataset format version {manifest.get('version')}, this procgenie reads "
+                        f"version {VERSION}: recollect it with this version")
+    return manifest
+
+
+@dataclass
+class Shard:
+    """One shard, memory-mapped on first use (so a Dataset pickles cheaply into DataLoader workers)."""
+
+    root: Path
+    record: dict
+    _frames: np.ndarray | None = None
+    _steps: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def frames(self) -> np.ndarray:  # (N, H, W, 3) uint8, memory-mapped
+        if self._frames is None:
+            self._frames = _open_frames(self.root / "shards" / f"{self.name}.frames.npy", self.record)
+        return self._frames
+
+    @property
+    def steps(self) -> dict:
+        if self._steps is None:
+            self._steps = _open_steps(self.root / "shards" / f"{self.name}.steps.npz", self.record)
+        return self._steps
+
+    def __getstate__(self):
+        return {"root": self.root, "record": self.record, "_frames": None, "_steps": None}
+
+
+def _open_frames(path: Path, record: dict) -> np.ndarray:
+    if not path.exists():
+        raise UserError(f"shard {record['name']} is missing {path.name}: run `procgenie data validate` and recollect")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise UserError(f"shard {record['name']} is damaged ({path.name}: {e}): recollect it") from None
+    want = (record["frames"], *record["shape"])
+    if arr.shape != want or arr.dtype != np.uint8:
+        raise UserError(f"shard {record['name']} is damaged: {path.name} holds {arr.dtype}{arr.shape}, the "
+                        f"manifest says uint8{want}: recollect it")
+    return arr
+
+
+def _open_steps(path: Path, record: dict) -> dict:
+    if not path.exists():
+        raise UserError(f"shard {record['name']} is missing {path.name}: run `procgenie data validate` and recollect")
+    try:
+        with np.load(path) as z:
+            steps = {k: z[k] for k in ("actions", "rewards", "firsts", "level_seeds", "truncated")}
+    except Exception as e:  # zipfile raises several types on damage
+        raise UserError(f"shard {record['name']} is damaged ({path.name}: {e}): recollect it") from None
+    n = record["frames"]
+    if any(len(steps[k]) != n for k in ("actions", "rewards", "firsts", "level_seeds")) \
+            or int(steps["firsts"].sum()) != record["episodes"] or (n and not steps["firsts"][0]):
+        raise UserError(f"shard {record['name']} is damaged: its step arrays disagree with the manifest: recollect it")
+    return steps
+
+
+class Dataset:
+    """A collected dataset: its manifest, its shards and an index of its episodes."""
+
+    def __init__(self, root: str | Path, verify: bool | None = None):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.shards = [Shard(self.root, rec) for rec in self.manifest["shards"]]
+        if not self.shards:
+            raise UserError(f"{self.root} holds no episodes yet: finish the collection by rerunning its "
+                            "`procgenie collect` command")
+        total_bytes = sum(s.record["frames"] * int(np.prod(s.record["shape"])) for s in self.shards)
+        # Full checksums are cheap below ~2 GB (sha256 runs at ~1.5 GB/s); above, `data validate` does it.
+        if verify if verify is not None else total_bytes < 2e9:
+            for problem in iter_problems(self.root, self.manifest):
+                raise UserError(f"{problem}; run `procgenie data validate {self.root}` and recollect the damaged shard")
+        self._episodes = None
+
+    @property
+    def env(self) -> str:
+        return self.manifest["env"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    def episodes(self, split: str | None = None) -> np.ndarray:
+        """Structured array of episodes: shard index, start, length, level seed, return, truncated."""
+        if self._episodes is None:
+            rows = []
+            for i, sh in enumerate(self.shards):
+                st = sh.steps
+                starts = np.flatnonzero(st["firsts"])
+                ends = np.append(starts[1:], len(st["firsts"]))
+                ret = np.add.reduceat(st["rewards"], starts) if len(starts) else np.zeros(0)
+                for j, (a, b) in enumerate(zip(starts, ends)):
+                    rows.append((i, a, b - a, st["level_seeds"][a], ret[j], st["truncated"][j],
+                                 SPLITS.index(sh.record["split"])))
+            self._episodes = np.array(rows, dtype=[("shard", "i4"), ("start", "i8"), ("length", "i8"),
+                                                   ("level_seed", "i8"), ("ret", "f4"), ("truncated", "?"),
+                                                   ("split", "i1")])
+        eps = self._episodes
+        return eps if split is None else eps[eps["split"] == SPLITS.index(split)]
+
+    def episode(self, ep) -> dict:
+        """One episode's frames (L, H, W, 3) uint8 and actions (L,) int64, as arrays in memory."""
+        sh = self.shards[ep["shard"]]
+        sl = slice(int(ep["start"]), int(ep["start"] + ep["length"]))
+        return {"frames": np.asarray(sh.frames[sl]), "actions": sh.steps["actions"][sl].astype(np.int64),
+                "level_seed": int(ep["level_seed"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and summary
+
+def iter_problems(root: Path, manifest: dict):
+    """Yield one line per damaged shard: missing, truncated, checksum mismatch, inconsistent arrays."""
+    names = set()
+    for rec in manifest["shards"]:
+        name = rec["name"]
+        if name in names:
+            yield f"shard {name} is listed twice in the manifest"
+        names.add(name)
+        for kind, suffix in (("frames", "frames.npy"), ("steps", "steps.npz")):
+            path = root / "shards" / f"{name}.{suffix}"
+            if not path.exists():
+                yield f"shard {name} is damaged: {path.name} is missing"
+                break
+            if sha256_file(path) != rec["sha256"][kind]:
+                yield f"shard {name} is damaged: {path.name} does not match its checksum"
+                break
+        else:
+            try:
+                _open_frames(root / "shards" / f"{name}.frames.npy", rec)
+                steps = _open_steps(root / "shards" / f"{name}.steps.npz", rec)
+            except UserError as e:
+                yield str(e).split(": recollect")[0]
+                continue
+            bad = {split_of(s) for s in np.unique(steps["level_seeds"])} - {rec["split"]}
+            if bad:
+                yield f"shard {name} is damaged: it holds levels of the {', '.join(sorted(bad))} split"
+
+
+def summary(ds: Dataset) -> dict:
+    eps = ds.episodes()
+    actions = np.concatenate([sh.steps["actions"] for sh in ds.shards])
+    hist = np.bincount(actions, minlength=len(ACTION_NAMES))
+    by_split = {}
+    for s in SPLITS:
+        e = ds.episodes(s)
+        by_split[s] = {"episodes": int(len(e)), "frames": int(e["length"].sum()),
+                       "levels": int(len(np.unique(e["level_seed"])))}
+    return {
+        "env": ds.env, "image_size": ds.image_size, "episodes": int(len(eps)), "frames": int(eps["length"].sum()),
+        "splits": by_split, "mean_episode_length": float(eps["length"].mean()),
+        "reached_coin": float((eps["ret"] > 0).mean()), "truncated": int(eps["truncated"].sum()),
+        "action_histogram": {ACTION_NAMES[i] if i < len(ACTION_NAMES) else str(i): int(c) for i, c in enumerate(hist)},
+        "collect": ds.manifest.get("collect", {}),
+    }

@@ -1,0 +1,59 @@
+"""Shared fixtures: a synthetic dataset whose frames say where they come from, and a tiny real one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from procgenie.data import store
+
+
+def write_synthetic(root: Path, lengths: list[int], seeds: list[int] | None = None, size: int = 64) -> Path:
+    """A dataset whose frame pixels encode (episode, t): pixel [0,0,0] = episode, [0,0,1] = t.
+
+    Action t of episode e is (e + t) % 15. Each episode goes into the split its level seed picks.
+    """
+    seeds = seeds if seeds is not None else [20 * i + 2 for i in range(len(lengths))]  # all train levels
+    by_split = {s: [] for s in store.SPLITS}
+    for e, (n, seed) in enumerate(zip(lengths, seeds)):
+        frames = np.zeros((n, size, size, 3), np.uint8)
+        frames[:, 0, 0, 0] = e
+        frames[:, 0, 0, 1] = np.arange(n)
+        by_split[store.split_of(seed)].append({
+            "frames": frames, "actions": (e + np.arange(n)) % 15, "rewards": np.zeros(n),
+            "level_seed": seed, "truncated": False})
+    manifest = {"format": store.FORMAT, "version": store.VERSION, "env": "coinrun", "image_size": size,
+                "num_actions": 15, "split_rule": store.SPLIT_RULE, "sessions": 1,
+                "collect": {"policy": "synthetic", "seed": 0}, "shards": []}
+    for split, eps in by_split.items():
+        for k in range(0, len(eps), 3):  # three episodes a shard: clips must not cross shards either
+            manifest["shards"].append(store.write_shard(root, f"{split}-s000-w00-{k:05d}", split, eps[k:k + 3]))
+    store.write_manifest(root, manifest)
+    return root
+
+
+@pytest.fixture
+def synthetic(tmp_path) -> Path:
+    return write_synthetic(tmp_path / "synthetic", [5, 9, 3, 12, 7, 30, 6])
+
+
+@pytest.fixture(scope="session")
+def coinrun_data(tmp_path_factory) -> Path:
+    """A small real CoinRun dataset (explorer play), shared by the tests of a session."""
+    out = tmp_path_factory.mktemp("coinrun") / "data"
+    run_cli("collect", "--out", str(out), "--episodes", "48", "--policy", "mixed", "--max-steps", "60",
+            "--shard-frames", "512", "--envs", "8")
+    return out
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m procgenie ARGS` as a user would, capturing its output."""
+    proc = subprocess.run([sys.executable, "-m", "procgenie", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"procgenie {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

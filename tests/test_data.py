@@ -1,0 +1,147 @@
+"""Data: collection end to end, level splits, resume after a kill, validation, clip alignment."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_synthetic
+from procgenie.data import store
+from procgenie.data.loader import ClipSampler, batches
+from procgenie.errors import UserError
+
+
+def test_collect_writes_a_dataset_with_disjoint_pinned_level_splits(tmp_path):
+    out = tmp_path / "d"
+    proc = run_cli("collect", "--out", str(out), "--episodes", "40", "--policy", "explorer", "--start-level", "1000",
+                   "--num-levels", "200", "--max-steps", "50", "--shard-frames", "300", "--envs", "8")
+    assert "frames/s" in proc.stdout
+    ds = store.Dataset(out, verify=True)
+    eps = ds.episodes()
+    assert len(eps) == 40
+    assert ((eps["level_seed"] >= 1000) & (eps["level_seed"] < 1200)).all()  # the pinned range only
+    assert (eps["length"] <= 50).all() and (eps["length"] >= 1).all()
+    levels = {s: set(ds.episodes(s)["level_seed"].tolist()) for s in store.SPLITS}
+    assert not (levels["train"] & levels["test"]) and not (levels["train"] & levels["val"])
+    assert not (levels["val"] & levels["test"])
+    assert all(seed % 20 == 0 for seed in levels["test"])
+    for sh in ds.shards:  # every shard: whole episodes of one split, frames and steps aligned
+        assert sh.steps["firsts"][0] and len(sh.frames) == len(sh.steps["actions"])
+        assert {store.split_of(s) for s in sh.steps["level_seeds"]} == {sh.record["split"]}
+    # frames are real CoinRun pictures, not blanks
+    assert ds.shards[0].frames[:10].std() > 10
+    info = json.loads(run_cli("data", "info", str(out), "--json").stdout)
+    assert info["episodes"] == 40 and sum(info["action_histogram"].values()) == info["frames"]
+    text = run_cli("data", "info", str(out)).stdout
+    assert "reached the coin" in text and "test" in text
+
+
+def test_rerun_of_a_finished_collect_adds_nothing_and_other_settings_are_refused(tmp_path):
+    out = str(tmp_path / "d")
+    args = ["collect", "--out", out, "--episodes", "6", "--max-steps", "20", "--envs", "4"]
+    run_cli(*args)
+    before = (tmp_path / "d" / "manifest.json").read_text()
+    assert "nothing to collect" in run_cli(*args).stdout
+    assert (tmp_path / "d" / "manifest.json").read_text() == before
+    proc = run_cli(*args[:-4], "--max-steps", "20", "--envs", "4", "--policy", "explorer", check=False)
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "policy" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_more_episodes_extend_a_dataset(tmp_path):
+    out = str(tmp_path / "d")
+    run_cli("collect", "--out", out, "--episodes", "5", "--max-steps", "20", "--envs", "4")
+    run_cli("collect", "--out", out, "--episodes", "11", "--max-steps", "20", "--envs", "4", "--workers", "2")
+    assert len(store.Dataset(out).episodes()) == 11
+
+
+@pytest.mark.slow
+def test_collect_killed_mid_run_resumes_without_losing_or_doubling_episodes(tmp_path):
+    out = tmp_path / "d"
+    args = [sys.executable, "-m", "procgenie", "collect", "--out", str(out), "--episodes", "300",
+            "--policy", "random", "--max-steps", "100", "--shard-frames", "200", "--envs", "8"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a few shards are recorded, mid-write most likely
+        m = out / "manifest.json"
+        if m.exists() and len(json.loads(m.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    recorded = json.loads((out / "manifest.json").read_text())["shards"]
+    assert 3 <= len(recorded) and sum(s["episodes"] for s in recorded) < 300
+    subprocess.run(args, check=True, capture_output=True)
+    assert run_cli("data", "validate", str(out)).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"][:len(recorded)] == recorded  # what was counted stays, unchanged
+    assert sum(s["episodes"] for s in manifest["shards"]) == 300
+    on_disk = {p.name.split(".")[0] for p in (out / "shards").iterdir()}
+    assert on_disk == {s["name"] for s in manifest["shards"]}  # no orphans left behind
+
+
+def test_validate_names_a_shard_with_one_flipped_byte(synthetic):
+    assert run_cli("data", "validate", str(synthetic)).returncode == 0
+    victim = sorted((synthetic / "shards").glob("*.frames.npy"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0x01
+    victim.write_bytes(bytes(data))
+    proc = run_cli("data", "validate", str(synthetic), check=False)
+    assert proc.returncode != 0
+    assert victim.name.split(".")[0] in proc.stderr and "checksum" in proc.stderr
+    with pytest.raises(UserError, match="damaged"):
+        store.Dataset(synthetic)
+
+
+def test_truncated_shard_and_missing_dataset_are_named(synthetic, tmp_path):
+    victim = sorted((synthetic / "shards").glob("*.frames.npy"))[0]
+    victim.write_bytes(victim.read_bytes()[:-5000])
+    with pytest.raises(UserError, match=victim.name.split(".")[0]):
+        store.Dataset(synthetic, verify=False).shards[0].frames
+    with pytest.raises(UserError, match="no dataset at"):
+        store.Dataset(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a procgenie dataset"):
+        store.Dataset(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("seq_len", [2, 5, 9])
+def test_clips_stay_inside_one_episode_and_actions_align(synthetic, seq_len):
+    ds = store.Dataset(synthetic)
+    sampler = ClipSampler(ds, "train", seq_len, batch_size=64, seed=3)
+    seen = set()
+    for step in range(20):
+        b = sampler.batch(step)
+        frames, actions = b["frames"].numpy(), b["actions"].numpy()
+        assert frames.shape == (64, seq_len, 64, 64, 3) and actions.shape == (64, seq_len - 1)
+        ep, t = frames[:, :, 0, 0, 0].astype(int), frames[:, :, 0, 0, 1].astype(int)
+        assert (ep == ep[:, :1]).all()                      # one episode per clip
+        assert (np.diff(t, axis=1) == 1).all()              # consecutive frames
+        assert (actions == (ep[:, :-1] + t[:, :-1]) % 15).all()  # action t is taken at frame t
+        seen |= set(ep[:, 0].tolist())
+    lengths = [5, 9, 3, 12, 7, 30, 6]
+    assert seen == {e for e, n in enumerate(lengths) if n >= seq_len}  # short episodes never used
+
+
+def test_batches_are_a_function_of_seed_and_step_and_shard_over_ranks(synthetic):
+    ds = store.Dataset(synthetic)
+    one = ClipSampler(ds, "train", 4, batch_size=8, seed=1)
+    again = ClipSampler(ds, "train", 4, batch_size=8, seed=1)
+    other = ClipSampler(ds, "train", 4, batch_size=8, seed=2)
+    assert (one.indices(7) == again.indices(7)).all() and not (one.indices(7) == other.indices(7)).all()
+    ranks = [ClipSampler(ds, "train", 4, batch_size=8, seed=1, rank=r, world=2) for r in range(2)]
+    assert (np.concatenate([r.indices(7) for r in ranks]) == one.indices(7)).all()
+    # through a DataLoader with worker processes, in step order, resumable at any step
+    loaded = [b["frames"] for b in batches(one, 5, 9, workers=2)]
+    assert len(loaded) == 4 and all((x == one.batch(5 + k)["frames"]).all() for k, x in enumerate(loaded))
+
+
+def test_too_short_episodes_give_a_clear_error(tmp_path):
+    ds = store.Dataset(write_synthetic(tmp_path / "s", [3, 4]))
+    with pytest.raises(UserError, match="no train episode of at least 8 frames"):
+        ClipSampler(ds, "train", 8, batch_size=2)
