@@ -28,8 +28,9 @@ class TokenizerConfig:
     """Video tokenizer: conv stem -> ST-transformer -> quantizer -> ST-transformer -> conv head."""
 
     image_size: int = _f(64, "frame side in pixels")
-    patch_size: int = _f(4, "pixels per token side: 4 gives a 16x16 token grid at 64 px")
-    stem_channels: int = _f(64, "channels of the convolutional stem/head (0: plain linear patches)")
+    patch_size: int = _f(8, "pixels per transformer position side: 8 gives an 8x8 grid at 64 px")
+    codes_per_patch: int = _f(4, "codes per position (product quantization): 4 codes on an 8x8 grid = 256 tokens")
+    stem_channels: int = _f(32, "channels of the convolutional stem/head (0: plain linear patches)")
     width: int = _f(256, "transformer width")
     enc_depth: int = _f(4, "encoder ST-transformer blocks")
     dec_depth: int = _f(4, "decoder ST-transformer blocks")
@@ -115,8 +116,8 @@ def preset(name: str) -> dict[str, StageConfig]:
     tok, lam, dyn = TokenizerConfig(), LAMConfig(), DynamicsConfig()
     t_tok, t_lam, t_dyn = TrainConfig(), TrainConfig(), TrainConfig()
     if name == "tiny":  # seconds on a CPU: for tests and the README's quick path
-        tok = TokenizerConfig(patch_size=8, stem_channels=16, width=32, enc_depth=1, dec_depth=1, heads=2,
-                              fsq_levels=(5, 5, 5), seq_len=2)
+        tok = TokenizerConfig(patch_size=16, codes_per_patch=2, stem_channels=8, width=32, enc_depth=1,
+                              dec_depth=1, heads=2, fsq_levels=(5, 5, 5), seq_len=2)
         lam = LAMConfig(patch_size=16, width=32, enc_depth=1, dec_depth=1, heads=2, seq_len=4)
         dyn = DynamicsConfig(width=32, depth=1, heads=2, maskgit_steps=2, seq_len=4)
         t_tok = t_lam = t_dyn = TrainConfig(steps=20, batch_size=4, lr=2e-3, warmup=2, log_every=5, ckpt_every=10)
@@ -125,12 +126,14 @@ def preset(name: str) -> dict[str, StageConfig]:
         t_lam = TrainConfig(steps=1500, batch_size=8, lr=1e-3, warmup=100)
         t_dyn = TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup=100)
     elif name == "seed":  # the original Config class of SEED.md
-        tok = TokenizerConfig(quantizer="vq", codebook_size=512, code_dim=64, width=256, heads=4,
+        tok = TokenizerConfig(quantizer="vq", codebook_size=512, code_dim=64, patch_size=4, codes_per_patch=1,
+                              width=256, heads=4,
                               enc_depth=4, dec_depth=4, seq_len=16)
         lam = LAMConfig(width=256, heads=4, enc_depth=4, dec_depth=4, seq_len=16)
         dyn = DynamicsConfig(width=256, heads=4, depth=4, seq_len=16)
     elif name == "genie":  # Genie's CoinRun case study (Bruce et al. 2024, appendix)
-        tok = TokenizerConfig(quantizer="vq", codebook_size=1024, code_dim=32, patch_size=4, width=512,
+        tok = TokenizerConfig(quantizer="vq", codebook_size=1024, code_dim=32, patch_size=4, codes_per_patch=1,
+                              stem_channels=0, width=512,
                               enc_depth=8, dec_depth=8, heads=8, seq_len=16)
         lam = LAMConfig(num_actions=6, width=512, enc_depth=8, dec_depth=8, heads=8, seq_len=16)
         dyn = DynamicsConfig(width=512, depth=12, heads=8, maskgit_steps=25, seq_len=16)

@@ -45,9 +45,18 @@ def synthetic(tmp_path) -> Path:
 def coinrun_data(tmp_path_factory) -> Path:
     """A small real CoinRun dataset (explorer play), shared by the tests of a session."""
     out = tmp_path_factory.mktemp("coinrun") / "data"
+    # Ten levels: level 0 is the test split, level 1 val, so every split is there.
     run_cli("collect", "--out", str(out), "--episodes", "48", "--policy", "mixed", "--max-steps", "60",
-            "--shard-frames", "512", "--envs", "8")
+            "--num-levels", "10", "--shard-frames", "512", "--envs", "8")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(coinrun_data, tmp_path_factory) -> Path:
+    """All three stages trained with the tiny preset: a real run folder in seconds."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    run_cli("train", "all", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny", "--set", "workers=0")
+    return run
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

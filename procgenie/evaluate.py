@@ -1,0 +1,155 @@
+"""`procgenie eval`: score a world model on test-split levels and write metrics.json and report.html.
+
+Clips of context + horizon frames come from test episodes (levels no training episode used). The
+tokenizer reconstructs them; the LAM infers their latent actions; the dynamics model continues each
+clip from its first `context` frames under those actions (and under random ones, for Genie's
+controllability metric), and once more one step at a time from real frames (teacher-forced).
+
+Letters: K clips, C context frames, H horizon, A latent actions.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from procgenie import metrics as M
+from procgenie.atomic import write_json_atomic
+from procgenie.data.loader import ClipSampler
+from procgenie.data.store import Dataset
+from procgenie.errors import UserError
+from procgenie.models import check_data
+from procgenie.nn.quantize import usage
+from procgenie.world import WorldModel
+
+
+def test_clips(ds: Dataset, k: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to k clips (one per test episode, at a random offset): frames (K, L, H, W, 3), real actions (K, L-1)."""
+    eps = ds.episodes("test")
+    eps = eps[eps["length"] >= length]
+    if len(eps) == 0:
+        raise UserError(f"{ds.root} has no test episode of {length} frames or more: collect more episodes, or "
+                        "lower --context/--horizon")
+    rng = np.random.default_rng(seed)
+    eps = eps[rng.permutation(len(eps))[:k]]
+    frames, actions = [], []
+    for ep in eps:
+        e = ds.episode(ep)
+        s = int(rng.integers(0, ep["length"] - length + 1))
+        frames.append(e["frames"][s:s + length])
+        actions.append(e["actions"][s:s + length - 1])
+    return np.stack(frames), np.stack(actions)
+
+
+def _batched(fn, *arrays, size: int = 16):
+    outs = [fn(*(a[i:i + size] for a in arrays)) for i in range(0, len(arrays[0]), size)]
+    return np.concatenate(outs)
+
+
+def _per_step(fn, a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Mean over clips of fn per step: a, b (K, H, ...) -> [H]."""
+    return [float(x) for x in fn(a, b).mean(0)]
+
+
+def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int = 4, horizon: int = 10,
+             maskgit_steps: int | None = None, seed: int = 0, quiet: bool = False) -> dict:
+    if context < 1 or horizon < 4:
+        raise UserError(f"--context must be at least 1 and --horizon at least 4 (delta_psnr_t4 needs step 4), "
+                        f"got {context} and {horizon}")
+    wm = WorldModel.from_pretrained(checkpoint)
+    ds = Dataset(data)
+    check_data(wm.tok_extra, ds, "world model")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    C, H = context, horizon
+    clips, real = test_clips(ds, episodes, C + H, seed)                       # (K, C+H, ...), (K, C+H-1)
+    K = len(clips)
+    bar = tqdm(total=5, desc="eval", disable=quiet, dynamic_ncols=True)
+
+    # Tokenizer: round trip of every clip, and code usage.
+    recon = _batched(wm.reconstruct, clips)
+    with torch.no_grad(), wm._autocast():
+        codes = torch.cat([wm.tokenizer.encode(torch.from_numpy(clips[i:i + 16]).to(wm.device)).cpu()
+                           for i in range(0, K, 16)])
+    use = usage(codes, wm.tokenizer.vocab)
+    code_hist = torch.bincount(codes.flatten(), minlength=wm.tokenizer.vocab).numpy()
+    tokenizer = {"psnr": float(M.psnr(recon, clips).mean()), "ssim": float(M.ssim(recon, clips).mean()),
+                 "codebook_size": int(wm.tokenizer.vocab), "codebook_used": int((code_hist > 0).sum()),
+                 "perplexity": float(use["perplexity"])}
+    bar.update()
+
+    # LAM: latent actions, their next-frame predictions, and how they line up with the real actions.
+    latent = _batched(wm.infer_actions, clips)                                # (K, C+H-1)
+    with torch.no_grad(), wm._autocast():
+        lam_pred = torch.cat([wm.lam.predict(torch.from_numpy(clips[i:i + 16, :-1]).to(wm.device),
+                                             torch.from_numpy(latent[i:i + 16]).to(wm.device)).float().cpu()
+                              for i in range(0, K, 16)])
+    lam_pred = (lam_pred.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    nmi_latent, nmi_real = _action_pairs(wm, ds, seed)
+    A = wm.num_latent_actions
+    confusion = np.zeros((15, A), np.int64)
+    np.add.at(confusion, (nmi_real, nmi_latent), 1)
+    lam = {"psnr": float(M.psnr(lam_pred, clips[:, 1:]).mean()), "num_actions": int(A),
+           "actions_used": int(len(np.unique(nmi_latent))), "nmi_real_actions": M.nmi(nmi_latent, nmi_real)}
+    bar.update()
+
+    # Dynamics: autoregressive rollouts under the inferred and under random latent actions.
+    acts = latent[:, C - 1:C + H - 1]                                         # a_{C-1} leads to frame C
+    gen = wm.generate(clips[:, :C], acts, steps=maskgit_steps, seed=seed)    # (K, H, ...)
+    bar.update()
+    rand = np.random.default_rng(seed + 1).integers(0, A, acts.shape)
+    gen_rand = wm.generate(clips[:, :C], rand, steps=maskgit_steps, seed=seed)
+    bar.update()
+    # Teacher-forced single steps: each horizon frame from the C real frames before it.
+    ctx = np.concatenate([clips[:, h:h + C] for h in range(H)])               # (H*K, C, ...)
+    one = wm.generate(ctx, np.concatenate([latent[:, C + h - 1:C + h] for h in range(H)]),
+                      steps=maskgit_steps, seed=seed)[:, 0]
+    truth_one = np.concatenate([clips[:, C + h] for h in range(H)])
+    bar.update()
+    bar.close()
+    future = clips[:, C:]
+    psnr_by_step = _per_step(M.psnr, gen, future)
+    psnr_rand = _per_step(M.psnr, gen_rand, future)
+    dynamics = {"context": C, "horizon": H, "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
+                "psnr_1step": float(M.psnr(one, truth_one).mean()), "ssim_1step": float(M.ssim(one, truth_one).mean()),
+                "psnr_by_step": psnr_by_step, "ssim_by_step": _per_step(M.ssim, gen, future),
+                "delta_psnr_t4": psnr_by_step[3] - psnr_rand[3]}
+    copy = np.repeat(clips[:, C - 1:C], H, axis=1)
+    result = {
+        "data": {"episodes": K, "frames": int(K * (C + H))},
+        "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics,
+        "baseline_copy_last": {"psnr_by_step": _per_step(M.psnr, copy, future)},
+        "random_actions": {"psnr_by_step": psnr_rand},
+        "run": {"checkpoint": str(wm.run_dir), "data": str(ds.root), "seed": seed, "device": str(wm.device),
+                "seconds": time.perf_counter() - t0},
+    }
+    write_json_atomic(out_dir / "metrics.json", result)
+    from procgenie.report import write_report
+    write_report(out_dir, result, clips=clips, recon=recon, gen=gen, gen_rand=gen_rand, one=(ctx[:, -1], one, truth_one),
+                 code_hist=code_hist, confusion=confusion)
+    if not quiet:
+        d = dynamics
+        print(f"tokenizer PSNR {tokenizer['psnr']:.2f} dB, SSIM {tokenizer['ssim']:.3f}, codes {tokenizer['codebook_used']}"
+              f"/{tokenizer['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions {lam['actions_used']}/{A}, NMI "
+              f"{lam['nmi_real_actions']:.3f}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
+              f"{psnr_by_step[-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
+              f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}")
+        print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
+    return result
+
+
+def _action_pairs(wm: WorldModel, ds: Dataset, seed: int, batches: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Latent and real actions of many test transitions (clips of the LAM's training length)."""
+    T = wm.lam_cfg.model.seq_len
+    sampler = ClipSampler(ds, "test", min(T, int(ds.episodes("test")["length"].max())), 32, seed=seed)
+    lat, real = [], []
+    for step in range(batches):
+        b = sampler.batch(step)
+        lat.append(wm.infer_actions(b["frames"].numpy()).ravel())
+        real.append(b["actions"].numpy().ravel())
+    return np.concatenate(lat), np.concatenate(real)

@@ -1,0 +1,146 @@
+"""MaskGIT dynamics: the next frame's tokens from past frames' tokens and latent actions.
+
+Training runs two streams through one ST-transformer: a clean stream of frames 1..T-1 and a masked
+stream of frames 2..T (each frame's codes masked at a rate drawn from [mask_min, mask_max]). Masked
+frame t attends the clean frames before it and itself, never another masked frame, so training sees
+exactly what generation sees: clean past keys and values (cached) and one partly known frame.
+Frame t carries the latent action a_{t-1} that led to it.
+
+Generation (MaskGIT): start fully masked; each of `steps` rounds samples every masked code, keeps the
+most confident ones (a cosine schedule says how many stay masked) and feeds them back; the finished
+frame then runs once through the clean stream to extend the key/value cache.
+
+Letters: B batch, T frames, N positions per frame, G codes per position, V codebook size, D width,
+A latent actions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from procgenie.config import DynamicsConfig
+from procgenie.nn.blocks import STTransformer, init_weights, window_mask
+
+
+def two_stream_mask(T: int, device) -> torch.Tensor:
+    """(2T-2, 2T-2) temporal mask: clean frames 0..T-2 (causal), then masked frames 1..T-1.
+
+    Masked frame i attends clean frames j < i and itself.
+    """
+    i = torch.arange(T - 1, device=device)
+    clean = i[:, None] >= i[None, :]                                      # clean -> clean, causal
+    masked_clean = i[:, None] + 1 > i[None, :]                            # masked i+1 -> clean j <= i
+    top = torch.cat([clean, torch.zeros_like(clean)], 1)
+    bottom = torch.cat([masked_clean, torch.eye(T - 1, dtype=torch.bool, device=device)], 1)
+    return torch.cat([top, bottom], 0)
+
+
+class Dynamics(nn.Module):
+    def __init__(self, cfg: DynamicsConfig, vocab: int, positions: int, codes_per_position: int, num_actions: int):
+        super().__init__()
+        self.cfg, D = cfg, cfg.width
+        self.V, self.N, self.G, self.A = vocab, positions, codes_per_position, num_actions
+        self.mask_id = vocab
+        self.code_embed = nn.Embedding(self.G * (vocab + 1), D)           # one table per code slot
+        self.action_embed = nn.Embedding(num_actions + 1, D)               # + "no action" before frame 1
+        self.target = nn.Parameter(torch.zeros(D))                         # marks the masked stream
+        self.token_cond = cfg.action_cond == "token"
+        self.transformer = STTransformer(D, cfg.depth, cfg.heads, positions + self.token_cond)
+        self.head = nn.Linear(D, self.G * vocab)
+        init_weights(self)
+        self.register_buffer("slot", torch.arange(self.G) * (vocab + 1), persistent=False)
+        self._frozen = None  # (tokenizer, lam), attached for training; not part of this model's weights
+
+    def attach(self, tokenizer: nn.Module, lam: nn.Module) -> None:
+        """Frozen tokenizer and LAM that turn training frames into codes and latent actions."""
+        object.__setattr__(self, "_frozen", (tokenizer.eval().requires_grad_(False), lam.eval().requires_grad_(False)))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.loss(batch)
+
+    # -- embedding ------------------------------------------------------------------------------
+    def _embed(self, codes_BTNG, actions_BT, masked: bool) -> torch.Tensor:
+        x = self.code_embed(codes_BTNG + self.slot).sum(-2)               # (B, T, N, D)
+        if masked:
+            x = x + self.target
+        a = self.action_embed(actions_BT)[:, :, None]                      # (B, T, 1, D)
+        return torch.cat([a, x], 2) if self.token_cond else x + a
+
+    def _logits(self, h_BTND) -> torch.Tensor:
+        h = h_BTND[:, :, -self.N:]
+        return rearrange(self.head(h), "b t n (g v) -> b t n g v", g=self.G)
+
+    # -- training -------------------------------------------------------------------------------
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        if "codes" not in batch:  # frames -> codes and latent actions by the frozen models
+            tokenizer, lam = self._frozen
+            with torch.no_grad():
+                batch = {"codes": tokenizer.encode(batch["frames"]), "latent_actions": lam.infer(batch["frames"])}
+        codes, actions = batch["codes"], batch["latent_actions"]           # (B, T, N, G), (B, T-1)
+        B, T = codes.shape[:2]
+        rate = torch.empty(B, T - 1, 1, 1, device=codes.device).uniform_(self.cfg.mask_min, self.cfg.mask_max)
+        mask = torch.rand(B, T - 1, self.N, self.G, device=codes.device) < rate
+        logits = self.teacher_forced_logits(codes, actions, mask).float()  # (B, T-1, N, G, V)
+        target = codes[:, 1:]
+        ce = F.cross_entropy(logits[mask], target[mask])
+        acc = (logits[mask].argmax(-1) == target[mask]).float().mean()
+        return ce, {"ce": ce.item(), "acc": acc.item()}
+
+    def teacher_forced_logits(self, codes_BTNG, actions_BT, mask_BTNG) -> torch.Tensor:
+        """Logits (B, T-1, N, G, V) for frames 2..T, each from the clean frames before it and its own
+        codes masked where mask (B, T-1, N, G) is set; frame t+1 is conditioned on action a_t."""
+        T = codes_BTNG.shape[1]
+        act_in = F.pad(actions_BT, (1, 0), value=self.A)                   # frame t gets a_{t-1}
+        masked = codes_BTNG[:, 1:].masked_fill(mask_BTNG, self.mask_id)
+        x = torch.cat([self._embed(codes_BTNG[:, :-1], act_in[:, :-1], False), self._embed(masked, act_in[:, 1:], True)], 1)
+        pos = torch.cat([torch.arange(T - 1), torch.arange(1, T)]).to(codes_BTNG.device)
+        h = self.transformer(x, tmask=two_stream_mask(T, codes_BTNG.device), pos=pos)
+        return self._logits(h[:, T - 1:])
+
+    # -- generation -----------------------------------------------------------------------------
+    def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor) -> dict:
+        """Fill a key/value cache with context frames (B, C, N, G) and the actions that led to them (B, C)."""
+        caches = self.transformer.new_caches(self.cfg.seq_len - 1)
+        C, dev = codes_BCNG.shape[1], codes_BCNG.device
+        self.transformer(self._embed(codes_BCNG, actions_BC, False), tmask=window_mask(C, self.cfg.seq_len - 1, dev),
+                         pos=torch.arange(C, device=dev), caches=caches, commit=True)
+        return {"caches": caches, "t": C}
+
+    @torch.no_grad()
+    def step(self, state: dict, action_B: torch.Tensor, steps: int | None = None, temperature: float | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate the next frame's codes (B, N, G) after taking latent action `action_B`; extends the cache."""
+        steps = steps or self.cfg.maskgit_steps
+        temperature = self.cfg.temperature if temperature is None else temperature
+        B, dev = action_B.shape[0], action_B.device
+        pos = torch.tensor([state["t"]], device=dev)
+        codes = torch.full((B, 1, self.N, self.G), self.mask_id, dtype=torch.long, device=dev)
+        total = self.N * self.G
+        for k in range(steps):
+            x = self._embed(codes, action_B[:, None], True)
+            logits = self._logits(self.transformer(x, pos=pos, caches=state["caches"]))[:, 0].float()  # (B,N,G,V)
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, -1)
+                sample = torch.multinomial(probs.reshape(-1, self.V), 1, generator=generator).reshape(B, self.N, self.G)
+            else:
+                probs = F.softmax(logits, -1)
+                sample = probs.argmax(-1)
+            conf = probs.gather(-1, sample[..., None])[..., 0]
+            known = codes[:, 0] != self.mask_id
+            conf = conf.masked_fill(known, math.inf)                        # known codes stay
+            sample = torch.where(known, codes[:, 0], sample)
+            still_masked = int(total * math.cos(math.pi / 2 * (k + 1) / steps))   # cosine schedule
+            keep = total - still_masked
+            order = conf.reshape(B, -1).argsort(-1, descending=True)
+            chosen = torch.zeros(B, total, dtype=torch.bool, device=dev)
+            chosen.scatter_(1, order[:, :keep], True)
+            codes = torch.where(chosen.reshape(B, 1, self.N, self.G), sample[:, None], self.mask_id)
+        # The finished frame joins the clean past.
+        self.transformer(self._embed(codes, action_B[:, None], False), pos=pos, caches=state["caches"], commit=True)
+        state["t"] += 1
+        return codes[:, 0]

@@ -1,0 +1,256 @@
+"""The one training loop, for every stage: `model.loss(batch) -> (loss, metrics)` is all it needs.
+
+AdamW with warmup and cosine decay, gradient clipping and accumulation, bf16 autocast, a progress
+bar, JSONL + TensorBoard logs, atomic checkpoints every `ckpt_every` steps, exact resume (weights,
+optimizer, step and RNG; batches are a function of the step), a clean stop on a non-finite loss, and
+data parallelism under torchrun (DDP: NCCL on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from procgenie import checkpoint as ckpt
+from procgenie import config as C
+from procgenie.data.loader import ClipSampler, batches
+from procgenie.data.store import Dataset
+from procgenie.errors import UserError
+from procgenie.models import build_for_training, write_action_map
+
+# Fields that may change when a run is resumed; any other difference means another experiment.
+RESUMABLE_CHANGES = {"steps", "workers", "log_every", "ckpt_every"}
+
+
+# -- distributed set-up ------------------------------------------------------------------------
+
+def distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the torchrun process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _mean_across_ranks(values: dict, device) -> dict:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device)
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def lr_at(step: int, t: C.TrainConfig) -> float:
+    """Linear warmup to t.lr, then cosine decay to t.lr * t.min_lr_frac at t.steps."""
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    frac = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+    return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_optimizer(model: torch.nn.Module, t: C.TrainConfig, device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "codebook" not in name and "pos_" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def autocast(device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_dir: Path, device,
+        rank: int = 0, world: int = 1, quiet: bool = False) -> dict:
+    """Train `model` to sc.train.steps, resuming from stage_dir/state.safetensors if there is one."""
+    t = sc.train
+    opt = make_optimizer(model, t, device)
+    state_path = stage_dir / "state.safetensors"
+    start = 0
+    if state_path.exists():
+        start = ckpt.load_state(state_path, model, opt)["step"]
+    if start >= t.steps:
+        if rank == 0 and not quiet:
+            print(f"{sc.stage}: already trained to step {start} ({stage_dir})")
+        return {"step": start}
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net)
+    log = open(stage_dir / "log.jsonl", "a") if rank == 0 else None
+    tb = _tensorboard(stage_dir) if rank == 0 else None
+    bar = tqdm(total=t.steps, initial=start, desc=sc.stage, disable=rank != 0 or quiet, dynamic_ncols=True)
+    frames_per_step = t.batch_size * sampler.seq_len
+    last = {"step": start}
+    tic, tic_step = time.perf_counter(), start
+    model.train()
+    try:
+        for step, batch in enumerate(batches(sampler, start, t.steps, workers=t.workers,
+                                             pin_memory=device.type == "cuda"), start):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, t)
+            metrics = _step(net, model, opt, batch, t, device)
+            if not math.isfinite(metrics["loss"]):
+                raise UserError(f"{sc.stage}: the loss became non-finite at step {step}; the last good checkpoint "
+                                f"is kept: lower the learning rate (--set lr={t.lr / 3:.2g}) and rerun")
+            bar.update(1)
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                metrics = _mean_across_ranks(metrics, device)
+                fps = frames_per_step * (done - tic_step) / (time.perf_counter() - tic)
+                tic, tic_step = time.perf_counter(), done
+                last = {"step": done, "lr": lr_at(step, t), "frames_per_s": fps, **metrics}
+                if rank == 0:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "psnr", "acc")}
+                                    | {"fps": f"{fps:.0f}"}, refresh=False)
+                    log.write(json.dumps({"time": time.time(), **last}) + "\n")
+                    log.flush()
+                    for k, v in last.items():
+                        if tb is not None and k != "step":
+                            tb.add_scalar(f"{sc.stage}/{k}", v, done)
+            if done % t.ckpt_every == 0 or done == t.steps:
+                _checkpoint(model, opt, done, stage_dir, rank)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if tb is not None:
+            tb.close()
+    return last
+
+
+def _step(net, model, opt, batch, t: C.TrainConfig, device) -> dict:
+    """One optimizer step over t.grad_accum micro-batches; returns the mean metrics."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    n = next(iter(batch.values())).shape[0]
+    micro = max(1, n // t.grad_accum)
+    totals: dict[str, float] = {}
+    for i in range(t.grad_accum):
+        part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
+        sync = i == t.grad_accum - 1 or not hasattr(net, "no_sync")
+        with (nullcontext() if sync else net.no_sync()), autocast(device, t.bf16):
+            loss, metrics = net(part)
+        (loss / t.grad_accum).backward()
+        for k, v in {"loss": loss.item(), **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v / t.grad_accum
+    if t.grad_clip > 0:
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return totals
+
+
+def _checkpoint(model, opt, step: int, stage_dir: Path, rank: int) -> None:
+    if rank == 0:
+        ckpt.save_state(stage_dir / "state.safetensors", model, opt, step, {})
+        ckpt.save_weights(stage_dir / "model.safetensors", model, {"step": step})
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _tensorboard(stage_dir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional: the JSONL log always exists
+        return None
+    return SummaryWriter(str(stage_dir / "tb"), flush_secs=30)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def resolve_stage_config(stage: str, run: Path, preset: str | None, steps: int | None,
+                         overrides: list[str]) -> tuple[C.StageConfig, str]:
+    """The config to train with: the preset plus overrides, checked against a run being resumed."""
+    stage_dir = run / stage
+    saved = ckpt.read_config(stage_dir, stage) if (stage_dir / "config.json").exists() else None
+    name = preset or (saved[1].get("preset") if saved else None) or "cpu"
+    stages = C.preset(name)
+    if steps is not None:
+        overrides = [f"steps={steps}", *overrides]
+    C.apply_overrides(stages, overrides, (stage,))
+    sc = stages[stage]
+    if saved:
+        old = C.to_dict(saved[0])
+        new = C.to_dict(sc)
+        diffs = [f"{sec}.{k} {old[sec][k]!r} (now {new[sec][k]!r})" for sec in ("model", "train")
+                 for k in new[sec] if old[sec].get(k) != new[sec][k] and not (sec == "train" and k in RESUMABLE_CHANGES)]
+        if diffs:
+            raise UserError(f"{stage_dir} was trained with other settings: {', '.join(diffs[:4])}; rerun with the "
+                            "same settings to resume, or choose another --run")
+    return sc, name
+
+
+def train_stage(stage: str, data: str, run: str, preset: str | None = None, steps: int | None = None,
+                overrides: list[str] | None = None, quiet: bool = False) -> dict:
+    rank, world, device = distributed()
+    run_dir = Path(run)
+    sc, preset_name = resolve_stage_config(stage, run_dir, preset, steps, overrides or [])
+    ds = Dataset(data)
+    torch.manual_seed(sc.train.seed)
+    if sc.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    model, links = build_for_training(stage, sc, ds, run_dir, device)
+    stage_dir = run_dir / stage
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_config(stage_dir, sc, {"preset": preset_name, "links": links,
+                                          "data": {"path": str(Path(data).resolve()), "env": ds.env,
+                                                   "image_size": ds.image_size}})
+    if world > 1:
+        dist.barrier()
+    sampler = ClipSampler(ds, "train", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed, rank=rank,
+                          world=world)
+    if rank == 0 and not quiet:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{stage}: {n / 1e6:.2f}M parameters, preset {preset_name}, {sc.train.steps} steps of "
+              f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}"
+              + (f" x {world} ranks" if world > 1 else ""))
+    result = fit(model, sc, sampler, stage_dir, device, rank, world, quiet)
+    if stage == "lam" and rank == 0:  # which latent action each real action tends to be, for play
+        write_action_map(run_dir, model, sampler, device)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def train_stages(stage: str, data: str, run: str, preset: str | None = None, steps: int | None = None,
+                 overrides: list[str] | None = None) -> None:
+    stages = C.STAGES if stage == "all" else (stage,)
+    overrides = overrides or []
+    lost = [o for o in overrides if not any(_applies(s, o) for s in stages)]
+    if lost:  # let the usual check name the unknown key
+        C.apply_overrides(C.preset("cpu"), lost, stages)
+    for s in stages:
+        train_stage(s, data, run, preset, steps, [o for o in overrides if _applies(s, o)])
+
+
+def _applies(stage: str, override: str) -> bool:
+    """Does `--set key=value` concern this stage? (Under `train all` a plain key goes where it fits.)"""
+    import dataclasses
+    parts = override.split("=")[0].strip().split(".")
+    if parts[0] in C.STAGES:
+        return parts[0] == stage
+    fields = {f.name for f in dataclasses.fields(C.TrainConfig)}
+    if parts[0] != "train":
+        fields |= {f.name for f in dataclasses.fields(C.MODEL_CONFIGS[stage])}
+    return parts[-1] in fields

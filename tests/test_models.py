@@ -1,0 +1,146 @@
+"""The three models: shapes, causality, action alignment, the MaskGIT sampler, and learning at all."""
+
+import math
+
+import pytest
+import torch
+
+from procgenie import config as C
+from procgenie.nn.dynamics import Dynamics
+from procgenie.nn.lam import LAM
+from procgenie.nn.tokenizer import Tokenizer
+
+
+def tiny(stage):
+    return C.preset("tiny")[stage].model
+
+
+def frames(B=2, T=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, T, 64, 64, 3), generator=g, dtype=torch.uint8)
+
+
+def test_tokenizer_shapes_and_causal_codes():
+    torch.manual_seed(0)
+    tok = Tokenizer(tiny("tokenizer")).eval()
+    x = frames(T=3)
+    codes = tok.encode(x)
+    assert codes.shape == (2, 3, tok.tokens, tok.cfg.codes_per_patch) and codes.dtype == torch.long
+    assert tok.decode(codes).shape == (2, 3, 64, 64, 3)
+    x2 = x.clone()
+    x2[:, 2] = 255 - x2[:, 2]
+    z1, z2 = tok._latent(x), tok._latent(x2)
+    assert torch.equal(z1[:, :2], z2[:, :2]) and not torch.equal(z1[:, 2], z2[:, 2])
+
+
+def test_lam_action_t_changes_frame_t_plus_1_and_nothing_before():
+    torch.manual_seed(0)
+    lam = LAM(tiny("lam")).eval()
+    torch.nn.init.normal_(lam.to_pixels.weight, std=0.02)  # as after training: actions matter
+    x = frames(T=4)
+    acts = torch.zeros(2, 4, dtype=torch.long)
+    base = lam.predict(x, acts)                       # predictions of frames 1..4
+    for t in range(4):
+        changed = acts.clone()
+        changed[:, t] = 1
+        out = lam.predict(x, changed)
+        assert torch.equal(out[:, :t], base[:, :t])    # earlier predictions: untouched
+        assert not torch.equal(out[:, t], base[:, t])  # frame t+1: changed
+
+
+def test_lam_infers_action_t_from_frames_up_to_t_plus_1():
+    torch.manual_seed(0)
+    lam = LAM(tiny("lam")).eval()
+    x = frames(T=4)
+    assert lam.infer(x).shape == (2, 3)
+    x2 = x.clone()
+    x2[:, 2] = 0                                      # change frame 2: actions 0 (0->1) unaffected
+    z1, z2 = lam._infer(x).z, lam._infer(x2).z
+    assert torch.equal(z1[:, 0], z2[:, 0]) and not torch.equal(z1[:, 1], z2[:, 1])
+
+
+def make_dynamics(steps=4):
+    torch.manual_seed(0)
+    cfg = tiny("dynamics")
+    cfg.maskgit_steps = steps
+    return Dynamics(cfg, vocab=50, positions=6, codes_per_position=2, num_actions=4).eval()
+
+
+def test_dynamics_action_t_conditions_frame_t_plus_1_only():
+    dyn = make_dynamics()
+    codes = torch.randint(0, 50, (1, 4, 6, 2))
+    mask = torch.ones(1, 3, 6, 2, dtype=torch.bool)
+    acts = torch.zeros(1, 3, dtype=torch.long)
+    base = dyn.teacher_forced_logits(codes, acts, mask)      # logits of frames 1..3
+    for t in range(3):
+        changed = acts.clone()
+        changed[:, t] = 2
+        out = dyn.teacher_forced_logits(codes, changed, mask)
+        assert torch.allclose(out[:, :t], base[:, :t], atol=1e-6)
+        assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_dynamics_masked_frame_never_sees_later_or_other_masked_frames():
+    dyn = make_dynamics()
+    codes = torch.randint(0, 50, (1, 4, 6, 2))
+    mask = torch.rand(1, 3, 6, 2) < 0.5
+    acts = torch.zeros(1, 3, dtype=torch.long)
+    base = dyn.teacher_forced_logits(codes, acts, mask)
+    later = codes.clone()
+    later[:, 3] = (later[:, 3] + 1) % 50                     # frame 3 changes: logits of frames 1, 2 must not
+    out = dyn.teacher_forced_logits(later, acts, mask)
+    assert torch.allclose(out[:, :2], base[:, :2], atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps):
+    dyn = make_dynamics(steps)
+    ctx, act0 = torch.randint(0, 50, (2, 3, 6, 2)), torch.full((2, 3), 4)
+    seen = []
+    logits = dyn._logits
+    dyn._logits = lambda h: (seen.append(None), logits(h))[1]
+    inputs = []
+    embed = dyn._embed
+    dyn._embed = lambda c, a, masked: (inputs.append((c.clone(), masked)), embed(c, a, masked))[1]
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        state = dyn.start(ctx, act0)
+        return dyn.step(state, torch.tensor([1, 2]), generator=g)
+
+    inputs.clear()
+    out = run(0)
+    assert out.shape == (2, 6, 2) and (out < 50).all() and (out >= 0).all()  # no mask id left
+    rounds = [c for c, masked in inputs if masked]
+    assert len(rounds) == steps and (rounds[0] == dyn.mask_id).all()
+    for k in range(1, steps):  # what a round revealed is fed back unchanged, and the schedule holds
+        prev, cur = rounds[k - 1], rounds[k]
+        known = prev != dyn.mask_id
+        assert torch.equal(cur[known], prev[known])
+        assert int((cur == dyn.mask_id).sum()) == 2 * int(12 * math.cos(math.pi / 2 * k / steps))
+    assert torch.equal(out[:, None][rounds[-1] != dyn.mask_id], rounds[-1][rounds[-1] != dyn.mask_id])
+    assert torch.equal(run(0), out)
+    assert not torch.equal(run(1), out)
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "lam", "dynamics"])
+def test_overfitting_one_batch_drives_the_loss_down(stage):
+    torch.manual_seed(0)
+    if stage == "dynamics":
+        model = make_dynamics().train()
+        batch = {"codes": torch.randint(0, 50, (4, 4, 6, 2)), "latent_actions": torch.randint(0, 4, (4, 3))}
+    else:
+        model = (Tokenizer if stage == "tokenizer" else LAM)(tiny(stage)).train()
+        g = torch.Generator().manual_seed(1)
+        blocks = torch.randint(0, 256, (4, 1, 4, 4, 3), generator=g, dtype=torch.uint8)
+        base = blocks.repeat_interleave(16, 2).repeat_interleave(16, 3)        # (4, 1, 64, 64, 3) colour blocks
+        batch = {"frames": torch.cat([base.roll(4 * t, dims=3) for t in range(4)], 1)}  # scrolling
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    first = None
+    for _ in range(80):
+        loss, _ = model.loss(batch)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.5 * first
