@@ -61,7 +61,8 @@ def _eval(a) -> None:
 
 def _play(a) -> None:
     from procgenie.play.server import serve
-    serve(a.checkpoint, host=a.host, port=a.port, maskgit_steps=a.maskgit_steps, level=a.start_level)
+    serve(a.checkpoint, host=a.host, port=a.port, maskgit_steps=a.maskgit_steps, level=a.start_level, fps=a.fps,
+          max_sessions=a.max_players)
 
 
 def _dream(a) -> None:
@@ -137,12 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
     pl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pl.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    pl.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps per frame (default: fast)")
+    pl.add_argument("--maskgit-steps", type=int, default=None,
+                    help="MaskGIT steps per frame (default: the smaller of 4 and the model's own)")
     pl.add_argument("--start-level", type=int, default=None, help="first level seed (default: random test level)")
+    pl.add_argument("--fps", type=float, default=15.0, help="target frames per second of each player (default 15)")
+    pl.add_argument("--max-players", type=int, default=4, help="connections served at once (default 4)")
     pl.set_defaults(fn=_play)
 
-    dr = sub.add_parser("dream", help="render a rollout of the learned world to GIF or MP4",
-                        description="Starts from a real Procgen level and lets the world model dream on.")
+    from procgenie.dream import ACTIONS_HELP
+    dr = sub.add_parser("dream", help="render a rollout of the learned world to GIF or MP4", formatter_class=RAW,
+                        description="Starts from a real Procgen level and lets the world model dream on.",
+                        epilog=ACTIONS_HELP)
     dr.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
     dr.add_argument("--out", required=True, help="FILE.gif or FILE.mp4")
     dr.add_argument("--actions", default=None, help="actions, e.g. 'right*10,right-up*5,left*3' (CoinRun "

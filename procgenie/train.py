@@ -2,8 +2,15 @@
 
 AdamW with warmup and cosine decay, gradient clipping and accumulation, bf16 autocast, a progress
 bar, JSONL + TensorBoard logs, atomic checkpoints every `ckpt_every` steps, exact resume (weights,
-optimizer, step and RNG; batches are a function of the step), a clean stop on a non-finite loss, and
-data parallelism under torchrun (DDP: NCCL on GPUs, gloo on CPU).
+optimizer and step; batches and the loss's random draws are functions of the step), a clean stop on a
+non-finite loss, and data parallelism under torchrun (DDP: NCCL on GPUs, gloo on CPU).
+
+Data parallelism gives a single process's results at the same global batch: rank r of W takes rows
+[r*B/W, (r+1)*B/W) of the step's batch, DDP averages the gradients, and each micro-batch seeds the
+RNG from the global rows it holds (`chunk_seed`), so W ranks x A accumulation steps draw the same
+dynamics masks as one process with W*A accumulation steps. A run resumes with any number of ranks.
+(torchrun's own parser takes `--run` for its `--run-path`: write `--` before the procgenie command,
+`torchrun --nproc-per-node 2 -m procgenie -- train all --data D --run R`.)
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -25,9 +34,12 @@ from procgenie.data.loader import ClipSampler, batches
 from procgenie.data.store import Dataset
 from procgenie.errors import UserError
 from procgenie.models import build_for_training, write_action_map
+from procgenie.nn.blocks import STTransformer
 
-# Fields that may change when a run is resumed; any other difference means another experiment.
-RESUMABLE_CHANGES = {"steps", "workers", "log_every", "ckpt_every"}
+# Fields that may change when a run is resumed; any other difference means another experiment. The
+# speed and memory knobs are among them: a run may resume on other hardware (grad_accum keeps the global
+# batch; only which rows share a mask seed changes).
+RESUMABLE_CHANGES = {"steps", "workers", "log_every", "ckpt_every", "grad_accum", "compile", "act_ckpt"}
 
 
 # -- distributed set-up ------------------------------------------------------------------------
@@ -41,10 +53,41 @@ def distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def set_cpu_threads(local_world: int = 1) -> None:
+    """Share this machine's cores among the `local_world` processes that train on it.
+
+    A single process keeps an explicit OMP_NUM_THREADS; torchrun sets that to 1 for every rank by
+    default, which would leave cores idle, so under torchrun the cores are always shared out.
+    """
+    if local_world > 1 or "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, _cores() // local_world))
+
+
+def _cores() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def speed_settings(device: torch.device, deterministic: bool) -> None:
+    """Fast kernels that keep training's results: TF32 matmuls and convolutions and cuDNN autotuning on CUDA.
+
+    TF32 (fp32's range, a 10-bit mantissa) is finer than the bf16 that autocast already computes most
+    matmuls in. (bf16 autocast, fused AdamW, flash attention through SDPA, activation checkpointing and
+    pinned-memory loading are set where they are used.)
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic  # the shapes never change: tune once per conv
 
 
 def _mean_across_ranks(values: dict, device) -> dict:
@@ -54,6 +97,32 @@ def _mean_across_ranks(values: dict, device) -> dict:
     t = torch.tensor([float(values[k]) for k in keys], device=device)
     dist.all_reduce(t)
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def _finite_everywhere(loss: float, device) -> bool:
+    """Is the loss finite on every rank? All ranks must stop together, or the others wait forever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return math.isfinite(loss)
+    t = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    dist.all_reduce(t)
+    return t.item() == 0
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    """The torch RNG seed of one micro-batch: chunk j of step `step` holds global rows [j*m, (j+1)*m).
+
+    The random numbers a model draws in its loss (the dynamics model's masks) are then a function of
+    (seed, step, rows), like the batch itself: resume needs no RNG state, and W ranks with A
+    accumulation steps draw exactly the masks of any other layout with the same W*A, one process included.
+    """
+    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def set_act_ckpt(model: torch.nn.Module, on: bool) -> None:
+    """Activation checkpointing in every ST-transformer of `model` (the models build them with it off)."""
+    for m in model.modules():
+        if isinstance(m, STTransformer):
+            m.act_ckpt = on
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -92,9 +161,15 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
         if rank == 0 and not quiet:
             print(f"{sc.stage}: already trained to step {start} ({stage_dir})")
         return {"step": start}
-    net = model
+    set_act_ckpt(model, t.act_ckpt)
+    net = model  # what runs the steps; `model` stays the plain module that checkpoints save
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A 1x1 convolution's weight gradient comes back with permuted strides under bf16 autocast; DDP
+        # copies it into its bucket at no real cost but warns on every step.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        # Gradients as views into the all-reduce buckets: no copy in or out of them.
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None, gradient_as_bucket_view=True)
     if t.compile:
         net = torch.compile(net)
     log = open(stage_dir / "log.jsonl", "a") if rank == 0 else None
@@ -109,8 +184,8 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
                                              pin_memory=device.type == "cuda"), start):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, t)
-            metrics = _step(net, model, opt, batch, t, device)
-            if not math.isfinite(metrics["loss"]):
+            metrics = train_step(net, model, opt, batch, t, device, step, rank)
+            if not _finite_everywhere(metrics["loss"], device):
                 raise UserError(f"{sc.stage}: the loss became non-finite at step {step}; the last good checkpoint "
                                 f"is kept: lower the learning rate (--set lr={t.lr / 3:.2g}) and rerun")
             bar.update(1)
@@ -139,20 +214,27 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
     return last
 
 
-def _step(net, model, opt, batch, t: C.TrainConfig, device) -> dict:
-    """One optimizer step over t.grad_accum micro-batches; returns the mean metrics."""
+def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, rank: int = 0) -> dict:
+    """One optimizer step over t.grad_accum micro-batches of this rank's rows; returns the mean metrics.
+
+    Each micro-batch's loss is a mean over its rows; DDP averages gradients over ranks and the
+    accumulation divides by t.grad_accum, so the step's gradient is the mean over the global batch.
+    """
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     n = next(iter(batch.values())).shape[0]
     micro = max(1, n // t.grad_accum)
     totals: dict[str, float] = {}
     for i in range(t.grad_accum):
         part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
+        torch.manual_seed(chunk_seed(t.seed, step, rank * t.grad_accum + i))
         sync = i == t.grad_accum - 1 or not hasattr(net, "no_sync")
         with (nullcontext() if sync else net.no_sync()), autocast(device, t.bf16):
             loss, metrics = net(part)
         (loss / t.grad_accum).backward()
-        for k, v in {"loss": loss.item(), **metrics}.items():
-            totals[k] = totals.get(k, 0.0) + v / t.grad_accum
+        # float() here rather than .item() in the model: metrics may come back as tensors, which keeps a
+        # torch.compile graph whole
+        for k, v in {"loss": loss.detach(), **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / t.grad_accum
     if t.grad_clip > 0:
         totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
     opt.step()
@@ -206,9 +288,13 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
     run_dir = Path(run)
     sc, preset_name = resolve_stage_config(stage, run_dir, preset, steps, overrides or [])
     ds = Dataset(data)
-    torch.manual_seed(sc.train.seed)
+    if sc.train.batch_size % (world * sc.train.grad_accum):
+        raise UserError(f"{stage}: batch_size {sc.train.batch_size} must be divisible by {world} ranks x "
+                        f"grad_accum {sc.train.grad_accum}")
+    torch.manual_seed(sc.train.seed)  # the same initial weights on every rank
     if sc.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    speed_settings(device, sc.train.deterministic)
     model, links = build_for_training(stage, sc, ds, run_dir, device)
     stage_dir = run_dir / stage
     if rank == 0:

@@ -2,12 +2,15 @@
 
 Batch `step` is a pure function of (seed, step): resuming at step s needs no loader state, and under
 DDP rank r of w takes rows [r*B/w, (r+1)*B/w) of the same global batch, so any number of ranks
-sees exactly the clips that one process would.
+sees exactly the clips that one process would. A batch's reads are announced to the kernel together,
+so a dataset larger than memory streams from disk at the disk's parallel speed (docs/benchmarks.md).
 
 Letters: B clips, T frames per clip, H, W pixels, C=3 colours.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -45,20 +48,56 @@ class ClipSampler:
         per = self.batch_size // self.world
         return idx[self.rank * per:(self.rank + 1) * per]
 
-    def clip(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Clip i: frames (T, H, W, C) uint8 and actions (T-1,) where action t leads from frame t to t+1."""
+    def locate(self, i: int) -> tuple[int, int]:
+        """Clip i -> (shard index, first step in that shard)."""
         e = int(np.searchsorted(self.cum, i, side="right") - 1)
         ep = self.eps[e]
-        shard = self.ds.shards[ep["shard"]]
-        s = int(ep["start"] + (i - self.cum[e]))
-        frames = np.asarray(shard.frames[s:s + self.seq_len])
-        actions = shard.steps["actions"][s:s + self.seq_len - 1].astype(np.int64)
+        return int(ep["shard"]), int(ep["start"] + (i - self.cum[e]))
+
+    def clip(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Clip i: frames (T, H, W, C) uint8 and actions (T-1,) where action t leads from frame t to t+1."""
+        shard, s = self.locate(i)
+        sh = self.ds.shards[shard]
+        frames = np.array(sh.frames[s:s + self.seq_len])
+        actions = sh.steps["actions"][s:s + self.seq_len - 1].astype(np.int64)
         return frames, actions
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        frames, actions = zip(*(self.clip(int(i)) for i in self.indices(step)))
-        return {"frames": torch.from_numpy(np.stack(frames)),     # (B, T, H, W, C) uint8
-                "actions": torch.from_numpy(np.stack(actions))}   # (B, T-1) int64
+        where = [self.locate(int(i)) for i in self.indices(step)]
+        _prefetch(self.ds, where, self.seq_len)
+        B, T = len(where), self.seq_len
+        frames = np.empty((B, T, *self.ds.shards[where[0][0]].frames.shape[1:]), np.uint8)  # (B, T, H, W, C)
+        actions = np.empty((B, T - 1), np.int64)                                             # (B, T-1)
+        for b, (shard, s) in enumerate(where):  # copied straight into the batch: one copy per byte
+            sh = self.ds.shards[shard]
+            frames[b] = sh.frames[s:s + T]
+            actions[b] = sh.steps["actions"][s:s + T - 1]
+        return {"frames": torch.from_numpy(frames), "actions": torch.from_numpy(actions)}
+
+
+def _prefetch(ds: Dataset, where: list[tuple[int, int]], T: int) -> None:
+    """Ask the kernel to read all of a batch's clips at once.
+
+    A dataset larger than memory is read from disk at random: copied one after another, a batch's
+    clips each wait a full disk round trip (measured: ~6 ms each on a cloud disk). Announced together
+    (POSIX_FADV_WILLNEED), their reads overlap. Where the frames are in the page cache it costs ~µs.
+    """
+    if not hasattr(os, "posix_fadvise"):  # not on macOS or Windows: plain reads
+        return
+    by_shard: dict[int, list[int]] = {}
+    for shard, s in where:
+        by_shard.setdefault(shard, []).append(s)
+    for shard, starts in by_shard.items():
+        frames = ds.shards[shard].frames  # np.memmap: its file and where the array starts in it
+        if not isinstance(frames, np.memmap):
+            continue
+        step_bytes = frames.strides[0]
+        fd = os.open(frames.filename, os.O_RDONLY)
+        try:
+            for s in starts:
+                os.posix_fadvise(fd, frames.offset + s * step_bytes, T * step_bytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 class StepBatches(torch.utils.data.Dataset):

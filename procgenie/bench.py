@@ -1,0 +1,266 @@
+"""`procgenie bench`: how fast this machine trains and plays, and how much of its matmul peak training uses.
+
+- Training frames/s per stage: the real training step (`train.train_step`: autocast, backward,
+  clipping, AdamW) of freshly built models of a preset, on synthetic uint8 frames (no dataset needed; the
+  loader is measured separately, see `loader_frames_per_s`). A frame is one frame of a training clip:
+  a step trains batch_size x seq_len of them. The dynamics step includes what `procgenie train
+  dynamics` does each step too: encoding the frames with the frozen tokenizer and LAM (fresh ones
+  here, built from the same preset).
+- matmul_peak_share: a stage's achieved FLOP/s (its step's FLOPs, counted by torch's FlopCounterMode
+  on one step: matmuls, convolutions, attention, forward and backward, frozen encoders included)
+  over the FLOP/s of a large square matrix product timed in the same run, in the same precision.
+  The SPEC's top-level figure is the dynamics stage's; every stage's share is reported too.
+- Play: frames/s and per-frame latency of `world.Session.step` (batch 1, one frame per call, MaskGIT
+  decoding and the tokenizer's decoder) at play's MaskGIT steps (`--maskgit-steps`, else play's
+  default), timed once the key/value caches are full, as in long play.
+
+Every figure is a total over `seconds` of repeated calls divided by their count (a mean, not a best
+case): on a shared machine both training and the matmul peak see the same neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from procgenie import config as C
+from procgenie.atomic import write_json_atomic
+from procgenie.errors import UserError
+from procgenie.models import build, pick_device
+from procgenie.train import make_optimizer, set_act_ckpt, set_cpu_threads, speed_settings, train_step
+
+
+def _say(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the table."""
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _time_calls(fn, device, seconds: float, min_calls: int) -> list[float]:
+    """Wall-clock seconds of each of repeated fn() calls, for `seconds` and at least `min_calls` calls."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return f"mps: {platform.machine()}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
+
+
+# -- the matmul peak -----------------------------------------------------------------------------
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, seconds: float) -> tuple[float, int]:
+    """FLOP/s of an (n, n) @ (n, n) product in `dtype`, n large enough to reach the kernels' peak."""
+    n = {"cuda": 8192, "mps": 4096}.get(device.type, 2048)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = _time_calls(lambda: a @ b, device, min(0.2, seconds / 4), 1)  # warm-up: kernel choice, clocks
+    times = _time_calls(lambda: a @ b, device, seconds, 3)
+    return 2 * n ** 3 * len(times) / sum(times), n
+
+
+# -- training ------------------------------------------------------------------------------------
+
+def _models(stage: str, stages: dict[str, C.StageConfig], device) -> torch.nn.Module:
+    """A fresh model of `stage`; the dynamics model gets a fresh frozen tokenizer and LAM, as in training."""
+    if stage != "dynamics":
+        return build(stages[stage]).to(device)
+    tok, lam = build(stages["tokenizer"]).to(device), build(stages["lam"]).to(device)
+    links = {"tokenizer": {"vocab": tok.vocab, "positions": tok.tokens,
+                           "codes_per_position": tok.cfg.codes_per_patch},
+             "lam": {"num_actions": lam.cfg.num_actions}}
+    model = build(stages["dynamics"], links).to(device)
+    model.attach(tok, lam)
+    return model
+
+
+def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds: float) -> dict:
+    """Frames/s, FLOPs per step and FLOP/s of `stage`'s training step at its preset's batch."""
+    sc, t = stages[stage], stages[stage].train
+    size = stages["tokenizer"].model.image_size
+    torch.manual_seed(0)
+    model = _models(stage, stages, device).train()
+    set_act_ckpt(model, t.act_ckpt)
+    opt = make_optimizer(model, t, device)
+    B, T = t.batch_size, sc.model.seq_len
+    gen = torch.Generator().manual_seed(0)
+    batch = {"frames": torch.randint(0, 256, (B, T, size, size, 3), dtype=torch.uint8, generator=gen),  # (B,T,H,W,C)
+             "actions": torch.randint(0, 15, (B, T - 1), generator=gen)}                                # (B, T-1)
+    if device.type == "cuda":  # as the training loader hands them over
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:  # this step also warms up the kernels
+        train_step(model, model, opt, batch, t, device)
+    flops = counter.get_total_flops()
+    net = model
+    if t.compile:
+        _say(f"compiling the {stage} model (minutes on a CPU) ...")
+        net = torch.compile(model)
+    train_step(net, model, opt, batch, t, device)
+    times = _time_calls(lambda: train_step(net, model, opt, batch, t, device), device, seconds, 3)
+    step_s = sum(times) / len(times)
+    return {"frames_per_s": B * T / step_s, "step_ms": 1000 * step_s, "flops_per_step": flops,
+            "flops_per_s": flops / step_s, "batch_size": B, "seq_len": T}
+
+
+# -- play ----------------------------------------------------------------------------------------
+
+def load_world(checkpoint: str | None, device):
+    """The world model to time play on, or (None, why) when there is none to time."""
+    from procgenie.world import WorldModel
+    try:
+        return WorldModel.from_pretrained(checkpoint, device=device), None
+    except UserError as e:
+        if checkpoint is not None:
+            raise
+        return None, f"not measured: {e}"
+
+
+def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
+    """Frames/s and latency percentiles of Session.step, batch 1, once the caches are full."""
+    from procgenie.dream import context_length
+    from procgenie.play.server import play_maskgit_steps
+    from procgenie.world import Session
+    steps = play_maskgit_steps(wm, maskgit_steps)
+    size = wm.image_size
+    # (1, C, H, W, 3): as many context frames as play starts from; their content does not change the work.
+    context = np.full((1, context_length(wm), size, size, 3), 128, np.uint8)
+    session = Session(wm, context, steps=steps, seed=0)
+    rng = np.random.default_rng(0)
+
+    def one_frame():
+        session.step(torch.from_numpy(rng.integers(0, wm.num_latent_actions, 1)))  # returns numpy: synced
+
+    for _ in range(wm.dyn_cfg.model.seq_len):  # fill the dynamics and decoder caches to their window
+        one_frame()
+    times = _time_calls(one_frame, wm.device, seconds, 10)
+    ms = 1000 * np.array(times)
+    return {"play_fps": len(times) / sum(times), "play_latency_ms_p50": float(np.percentile(ms, 50)),
+            "play_latency_ms_p95": float(np.percentile(ms, 95)), "play_maskgit_steps": steps,
+            "play_frames_timed": len(times)}
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: float = 10.0,
+          maskgit_steps: int | None = None, preset: str = "cpu") -> dict:
+    """Measure, print a table, and write SPEC's JSON (plus extra keys) to `json_path` if given."""
+    if not seconds > 0:
+        raise UserError(f"--seconds must be positive, got {seconds}")
+    if maskgit_steps is not None and maskgit_steps < 1:
+        raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
+    stages = C.preset(preset)
+    device = pick_device()
+    if device.type == "cpu":
+        set_cpu_threads()
+    speed_settings(device, deterministic=False)
+    wm, play_note = load_world(checkpoint, device)  # first: a wrong --checkpoint fails before the long part
+    # Other work on the machine slows every figure, CPU threads that wait for each other most of all.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    bf16 = stages["dynamics"].train.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    _say(f"timing a large {'bf16' if bf16 else 'fp32'} matmul on {device_name(device)} for {seconds:g} s ...")
+    peak, n = matmul_flops_per_s(device, dtype, seconds)
+    train = {}
+    for stage in C.STAGES:
+        t = stages[stage].train
+        _say(f"timing {stage} training ({preset} preset: {t.batch_size} clips x "
+             f"{stages[stage].model.seq_len} frames) for {seconds:g} s ...")
+        train[stage] = time_training(stage, stages, device, seconds)
+    play = {"play_fps": None, "play_latency_ms_p50": None, "play_latency_ms_p95": None}
+    if wm is not None:
+        _say(f"timing play on {wm.run_dir} for {seconds:g} s ...")
+        play = time_play(wm, seconds, maskgit_steps)
+
+    result = {
+        "device": device_name(device),
+        "train_frames_per_s": {s: train[s]["frames_per_s"] for s in C.STAGES},
+        "matmul_peak_share": train["dynamics"]["flops_per_s"] / peak,
+        **{k: play[k] for k in ("play_fps", "play_latency_ms_p50", "play_latency_ms_p95")},
+        # Beyond the SPEC's schema: what the figures above were measured with, and per-stage detail.
+        "preset": preset, "precision": "bf16" if bf16 else "fp32", "seconds": seconds,
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_average_at_start": load,
+        "torch": torch.__version__, "matmul_flops_per_s": peak, "matmul_size": n,
+        "train_peak_share": {s: train[s]["flops_per_s"] / peak for s in C.STAGES},
+        "train": train,
+        "play_checkpoint": None if wm is None else str(wm.run_dir),
+        "play_maskgit_steps": play.get("play_maskgit_steps"),
+    }
+    if play_note:
+        result["play_note"] = play_note
+    print(table(result))
+    if json_path:
+        write_json_atomic(json_path, result)
+        _say(f"wrote {json_path}")
+    return result
+
+
+def table(r: dict) -> str:
+    """The results as a few readable lines."""
+    lines = [f"device     {r['device']}  (torch {r['torch']}, {r['precision']}, {r['preset']} preset)",
+             f"matmul     {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s ({r['matmul_size']}^2 {r['precision']} product)",
+             *([f"note       the machine was busy (load average {r['load_average_at_start']:.1f} on {r['cores']} "
+                "cores): expect lower figures than on an idle one"]
+               if (r.get("load_average_at_start") or 0) >= 1 else []),
+             "",
+             f"{'training':<10} {'frames/s':>10} {'step ms':>9} {'batch':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} "
+             f"{'peak share':>10}"]
+    for s, v in r["train"].items():
+        lines.append(f"{s:<10} {v['frames_per_s']:>10,.1f} {v['step_ms']:>9,.1f} "
+                     f"{v['batch_size']:>3} x {v['seq_len']:<2} {v['flops_per_step'] / 1e9:>11,.2f} "
+                     f"{v['flops_per_s'] / 1e9:>9,.1f} {r['train_peak_share'][s]:>10.1%}")
+    lines.append("")
+    if r["play_fps"] is None:
+        lines.append(f"play       {r.get('play_note', 'not measured')}")
+    else:
+        lines.append(f"play       {r['play_fps']:,.1f} frames/s, latency p50 {r['play_latency_ms_p50']:,.1f} ms, "
+                     f"p95 {r['play_latency_ms_p95']:,.1f} ms ({r['play_maskgit_steps']} MaskGIT steps, batch 1, "
+                     f"{r['play_checkpoint']})")
+    return "\n".join(lines)
+
+
+# -- the loader ----------------------------------------------------------------------------------
+
+def loader_frames_per_s(data: str, batch_size: int = 8, seq_len: int = 16, seconds: float = 10.0,
+                        workers: int = 0) -> dict:
+    """Training frames/s that the clip loader serves from dataset `data` (random clips, as in training)."""
+    from procgenie.data.loader import ClipSampler, batches
+    from procgenie.data.store import Dataset
+    sampler = ClipSampler(Dataset(data, verify=False), "train", seq_len, batch_size, seed=0)
+    count, start = 0, time.perf_counter()
+    for b in batches(sampler, 0, 10 ** 9, workers=workers):
+        count += 1
+        if time.perf_counter() - start > seconds:
+            break
+    elapsed = time.perf_counter() - start
+    return {"batches_per_s": count / elapsed, "frames_per_s": count * batch_size * seq_len / elapsed,
+            "batch_ms": 1000 * elapsed / count, "frames": int(sampler.eps["length"].sum())}

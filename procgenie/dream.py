@@ -1,0 +1,162 @@
+"""`procgenie dream`: render a rollout of the learned world to a GIF or MP4.
+
+The rollout starts from real frames: a Procgen level (a test level unless --level says otherwise)
+played for a few no-op steps gives the context, then the world model dreams `steps` frames under
+the asked actions. The file shows the context and then the dream, every frame scaled up with
+nearest-neighbour, above a timeline bar: green over the real frames, magenta over the dream.
+
+The CoinRun action names, the Procgen start frames and the video writers live here; `play` uses them too.
+
+Letters: T frames, C context frames, S frame size (64), K upscale factor.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from procgenie.atomic import write_bytes_atomic
+from procgenie.errors import UserError
+
+# Procgen's CoinRun action ids: 0..8 are the combinations of left/right and down/up; 9..14 do nothing.
+REAL_ACTIONS = ("left-down", "left", "left-up", "down", "noop", "up", "right-down", "right", "right-up")
+NOOP = 4
+ALIASES = {"jump": 5, "left-jump": 2, "right-jump": 8}
+ACTION_IDS = {**{n: i for i, n in enumerate(REAL_ACTIONS)}, **ALIASES}
+DEFAULT_ACTIONS = "right*8,right-up*4,right*6,right-up*3,noop*2"  # repeated to fill --steps
+CONTEXT = 4           # real frames before the dream (fewer if the dynamics model sees fewer)
+SCALE = 4             # nearest-neighbour upscale in the file
+MAX_STEPS = 10_000
+ACTIONS_HELP = (
+    "Actions: comma-separated items, each NAME or ID, optionally *N to repeat it N times. NAME is a CoinRun "
+    f"action ({', '.join(REAL_ACTIONS)}; also jump, left-jump, right-jump), mapped to the latent action the "
+    "training data shows most often with it; ID is a latent action id 0..K-1 used as it is. The last action "
+    "repeats if the list is shorter than --steps; a longer list is cut. Example: 'right*10,right-up*5,left*3' "
+    f"or '3,3,1'. Default: '{DEFAULT_ACTIONS}' repeated. The file holds the context frames, then --steps dreamed "
+    "frames.")
+_ITEM = re.compile(r"^(?P<what>[a-z-]+|\d+)(?:\*(?P<n>\d+))?$")
+
+
+def parse_actions(text: str | None, steps: int, num_latent: int, to_latent) -> list[int]:
+    """Latent action ids, exactly `steps` of them, from an --actions string (see ACTIONS_HELP).
+
+    `to_latent(real_action_id) -> latent id` maps CoinRun names (WorldModel.latent_for_real_action).
+    """
+    pattern = text is None
+    items = [s.strip().lower() for s in (DEFAULT_ACTIONS if pattern else text).split(",")]
+    out: list[int] = []
+    for item in items:
+        m = _ITEM.match(item)
+        if not m:
+            raise UserError(f"--actions: cannot read '{item}': write NAME, ID, NAME*N or ID*N, "
+                            f"e.g. 'right*10,right-up*5' or '3,3,1'")
+        what, n = m["what"], int(m["n"] or 1)
+        if not 1 <= n <= MAX_STEPS:
+            raise UserError(f"--actions: repeat count in '{item}' must lie in 1..{MAX_STEPS}")
+        if what.isdigit():
+            if int(what) >= num_latent:
+                raise UserError(f"--actions: latent action {what} does not exist: this model has ids "
+                                f"0..{num_latent - 1}")
+            latent = int(what)
+        elif what in ACTION_IDS:
+            latent = to_latent(ACTION_IDS[what])
+        else:
+            raise UserError(f"--actions: unknown action '{what}': use a latent id 0..{num_latent - 1} or one of "
+                            f"{', '.join(ACTION_IDS)}")
+        out += [latent] * n
+    if pattern:  # the default pattern cycles; a user's list repeats its last action
+        return (out * (steps // len(out) + 1))[:steps]
+    return (out + [out[-1]] * steps)[:steps]
+
+
+def random_test_level(rng: np.random.Generator) -> int:
+    """A level seed of the test split (seed % 20 == 0), the split no training episode used."""
+    return 20 * int(rng.integers(0, (2**31 - 1) // 20 - 1))
+
+
+def start_frames(level: int, frames: int, env_name: str = "coinrun", seed: int = 0):
+    """A Procgen env pinned to `level` and its first `frames` frames under no-ops: uint8 (C, S, S, 3).
+
+    Returns (env, frames); the env is left at the last of them, so play can go on from there.
+    """
+    from procgenie.data.collect import make_env
+    if not 0 <= level < 2**31 - 1:
+        raise UserError(f"a level seed lies in 0..{2**31 - 2}, got {level}")
+    env = make_env(env_name, 1, start_level=level, num_levels=1, seed=seed)
+    out = [env.observe()[1]["rgb"][0]]
+    for _ in range(frames - 1):
+        env.act(np.array([NOOP]))
+        out.append(env.observe()[1]["rgb"][0])
+    return env, np.stack(out)
+
+
+def context_length(wm) -> int:
+    # The dynamics model attends to seq_len - 1 past frames; more context than that is never seen.
+    return max(1, min(CONTEXT, wm.dyn_cfg.model.seq_len - 1))
+
+
+def upscale(frames: np.ndarray, k: int = SCALE) -> np.ndarray:
+    """Nearest-neighbour upscale of uint8 (..., S, S, 3) -> (..., S*k, S*k, 3): crisp pixels."""
+    return frames.repeat(k, axis=-3).repeat(k, axis=-2)
+
+
+def timeline(T: int, C: int, width: int, height: int = 2 * SCALE) -> np.ndarray:
+    """A progress bar for each frame, uint8 (T, height, width, 3): green over the C real frames, magenta
+    over the dream, bright up to the frame shown. It also keeps consecutive frames distinct (for T <= width),
+    which GIF writers would otherwise merge into one longer frame."""
+    x = np.arange(width)
+    base = np.where((x < round(width * C / T))[:, None], (40, 200, 80), (220, 40, 200)).astype(np.uint8)
+    done = x[None] < np.round(width * np.arange(1, T + 1) / T)[:, None]                  # (T, width)
+    bar = np.where(done[..., None], base, base // 4)                                      # (T, width, 3)
+    return np.repeat(bar[:, None], height, axis=1)
+
+
+def encode_video(frames: np.ndarray, suffix: str, fps: float) -> bytes:
+    """uint8 (T, H, W, 3) -> the bytes of a looping GIF or an H.264 MP4 (H, W even)."""
+    import imageio.v3 as iio
+    if suffix == ".gif":
+        # GIF durations are in hundredths of a second: round to what the format can say.
+        return iio.imwrite("<bytes>", frames, extension=".gif", duration=round(100 / fps) * 10, loop=0)
+    try:
+        import av  # noqa: F401  (PyAV: ffmpeg's libraries, shipped inside its wheel)
+    except ImportError:
+        raise UserError("writing MP4 needs PyAV and its ffmpeg libraries: `pip install av`, or write a .gif") from None
+    try:
+        return iio.imwrite("<bytes>", frames, extension=".mp4", plugin="pyav", codec="libx264", fps=int(round(fps)),
+                           out_pixel_format="yuv420p")  # yuv420p: what browsers and players decode
+    except Exception as e:  # a PyAV build without an H.264 encoder
+        raise UserError(f"could not encode MP4 with ffmpeg ({e}); write a .gif instead") from None
+
+
+def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, level: int | None = None,
+          fps: int = 15, seed: int = 0, maskgit_steps: int | None = None) -> Path:
+    """Write context + `steps` dreamed frames of level `level` (default: the first test level, 0) to `out`."""
+    import torch
+
+    from procgenie.data.store import split_of
+    from procgenie.world import Session, WorldModel
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise UserError(f"--out {out}: the file must end in .gif or .mp4")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"--steps must lie in 1..{MAX_STEPS}, got {steps}")
+    if not 1 <= fps <= 60:
+        raise UserError(f"--fps must lie in 1..60, got {fps}")
+    if maskgit_steps is not None and maskgit_steps < 1:
+        raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
+    level = 0 if level is None else level
+    wm = WorldModel.from_pretrained(checkpoint)
+    latents = parse_actions(actions, steps, wm.num_latent_actions, wm.latent_for_real_action)
+    C = context_length(wm)
+    env, context = start_frames(level, C, wm.env, seed)                               # (C, S, S, 3)
+    env.close()
+    session = Session(wm, context[None], steps=maskgit_steps, seed=seed)
+    dreamed = [session.step(torch.tensor([a]))[0] for a in latents]                    # T x (S, S, 3)
+    frames = np.concatenate([context, np.stack(dreamed)])                              # (C + steps, S, S, 3)
+    video = np.concatenate([upscale(frames), timeline(len(frames), C, frames.shape[2] * SCALE)], axis=1)
+    write_bytes_atomic(path, encode_video(video, suffix, fps))
+    print(f"dreamed {steps} frames after {C} real ones of level {level} ({split_of(level)} split) -> {path}")
+    return path

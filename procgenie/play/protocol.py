@@ -1,0 +1,73 @@
+"""The play protocol: what a browser may send, checked strictly, and how held keys become actions.
+
+Client messages are JSON text of at most MAX_MESSAGE bytes; fields are optional, unknown ones are
+refused, types are exact (`true` is not an int). `parse` raises BadMessage, whose text goes back to
+the client as an error reply, before anything changes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from procgenie.dream import NOOP
+
+MAX_MESSAGE = 1024          # bytes in one client message; longer ones get an error reply
+NONE = type(None)
+MESSAGES = {  # type -> {field: allowed types}; `bool` is not accepted for `int`
+    "input": {"left": (bool,), "right": (bool,), "up": (bool,), "down": (bool,), "latent": (int, NONE)},
+    "pause": {"paused": (bool,)},
+    "step": {},
+    "reset": {"level": (int, NONE)},
+    "record": {},
+}
+
+
+class BadMessage(Exception):
+    """A client message that is refused: its text goes back as an error reply."""
+
+
+def real_action(left: bool, right: bool, up: bool, down: bool) -> int:
+    """Held keys -> Procgen action 0..8: left+right cancel, up (jump) wins over down."""
+    dx = int(right) - int(left)
+    return 3 * (dx + 1) + (2 if up else 0 if down else 1)
+
+
+def real_for_latent(counts_RA: np.ndarray) -> np.ndarray:
+    """For each latent action, the real action (0..8) the training data shows most often with it (A,).
+
+    Procgen's 9..14 do nothing in CoinRun, so they count as noop; a latent the data never used maps to noop.
+    """
+    merged = counts_RA[:9].astype(np.int64)
+    merged[NOOP] += counts_RA[9:].sum(0).astype(np.int64)
+    out = merged.argmax(0)
+    out[merged.sum(0) == 0] = NOOP
+    return out
+
+
+
+
+def parse(text: str, num_latent: int) -> tuple[str, dict]:
+    """A client message -> (type, fields), or BadMessage naming what is wrong."""
+    if len(text) > MAX_MESSAGE or len(text.encode()) > MAX_MESSAGE:
+        raise BadMessage(f"message too long: at most {MAX_MESSAGE} bytes")
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        raise BadMessage("not JSON") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise BadMessage('a message is a JSON object with a "type"')
+    kind = msg.pop("type")
+    if kind not in MESSAGES:
+        raise BadMessage(f"unknown message type {kind[:40]!r}: use one of {', '.join(MESSAGES)}")
+    for field, value in msg.items():
+        if field not in MESSAGES[kind]:
+            raise BadMessage(f"{kind}: unknown field {field[:40]!r}")
+        if type(value) not in MESSAGES[kind][field]:
+            raise BadMessage(f"{kind}: field {field!r} has the wrong type")
+    if msg.get("latent") is not None and not 0 <= msg["latent"] < num_latent:
+        raise BadMessage(f"input: latent must lie in 0..{num_latent - 1}")
+    if msg.get("level") is not None and not 0 <= msg["level"] < 2**31 - 1:
+        raise BadMessage(f"reset: level must lie in 0..{2**31 - 2}")
+    return kind, msg

@@ -1,0 +1,123 @@
+// procgenie play: draw the frames the server sends, send the keys held. Protocol: procgenie/play/server.py.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+// Held keys are state: the server reads the latest at each frame, so nothing queues up.
+const DIRS = { ArrowLeft: "left", KeyA: "left", ArrowRight: "right", KeyD: "right",
+               ArrowUp: "up", KeyW: "up", Space: "up", ArrowDown: "down", KeyS: "down" };
+const ONCE = { KeyR: { type: "reset" }, KeyP: { type: "pause" }, KeyE: { type: "step" }, KeyG: { type: "record" } };
+const KIND_FRAME = 1, KIND_GIF = 2;
+let ws = null, hello = null, size = 64, latent = null, gifUrl = null;
+const held = new Set();
+
+function setStatus(text) { $("status").textContent = text; }
+function send(obj) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj)); }
+
+function connect() {
+  ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => setStatus("");
+  ws.onclose = () => setStatus("disconnected: reload the page to play again");
+  ws.onmessage = (ev) => (typeof ev.data === "string" ? onText(JSON.parse(ev.data)) : onBinary(ev.data));
+}
+
+function onText(msg) {
+  if (msg.type === "hello") onHello(msg);
+  else if (msg.type === "state") showState(msg);
+  else if (msg.type === "error") setStatus(msg.message);
+}
+
+function onHello(msg) {
+  hello = msg;
+  size = msg.size;
+  for (const id of ["dream", "real"]) { $(id).width = size; $(id).height = size; }
+  const keys = Math.min(9, msg.num_latent_actions);
+  $("kmax").textContent = keys;
+  $("latents").innerHTML = "";
+  for (let k = 0; k < keys; k++) {
+    const li = document.createElement("li");
+    li.textContent = `key ${k + 1}: latent ${k} (real side: ${msg.real_actions[msg.latent_to_real[k]]})`;
+    $("latents").appendChild(li);
+  }
+}
+
+// Binary: kind (uint8), meta length (uint32 BE), meta JSON, payload.
+function onBinary(buf) {
+  const view = new DataView(buf);
+  const kind = view.getUint8(0), n = view.getUint32(1);
+  const meta = JSON.parse(new TextDecoder().decode(new Uint8Array(buf, 5, n)));
+  const body = new Uint8Array(buf, 5 + n);
+  if (kind === KIND_FRAME) {
+    const px = size * size * 3;
+    draw("dream", body.subarray(0, px));
+    draw("real", body.subarray(px, 2 * px));
+    showState(meta);
+    $("action").textContent = meta.latent === null ? meta.action
+      : meta.source === "latent" ? `latent ${meta.latent} (real: ${meta.action})` : `${meta.action} (latent ${meta.latent})`;
+    $("ms").textContent = meta.ms.toFixed(0);
+  } else if (kind === KIND_GIF) {
+    offerGif(body, meta);
+  }
+}
+
+function draw(id, rgb) {  // rgb: (size, size, 3) bytes -> the 64x64 canvas; CSS scales it up, pixelated
+  const ctx = $(id).getContext("2d");
+  const img = ctx.createImageData(size, size);
+  for (let i = 0, j = 0; i < rgb.length; i += 3, j += 4) {
+    img.data[j] = rgb[i]; img.data[j + 1] = rgb[i + 1]; img.data[j + 2] = rgb[i + 2]; img.data[j + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
+}
+
+function showState(s) {
+  $("step").textContent = s.step;
+  $("fps").textContent = s.fps.toFixed(1);
+  $("level").textContent = s.level;
+  let flags = "";
+  if (s.paused) flags += '<span class="flag paused">paused (E steps)</span>';
+  if (s.recording !== null) flags += `<span class="flag rec">REC ${s.recording}</span>`;
+  if (s.episodes) flags += `<span class="flag done">real episode ended ${s.episodes}x, restarted</span>`;
+  $("flags").innerHTML = flags;
+}
+
+function offerGif(bytes, meta) {
+  if (gifUrl) URL.revokeObjectURL(gifUrl);
+  gifUrl = URL.createObjectURL(new Blob([bytes], { type: "image/gif" }));
+  $("download").innerHTML = "";
+  const a = document.createElement("a");
+  a.href = gifUrl; a.download = meta.name; a.id = "gif";
+  a.textContent = `save the recording: ${meta.name} (${meta.frames} frames, ${(bytes.length / 1024).toFixed(0)} KiB)`;
+  $("download").appendChild(a);
+}
+
+function sendInput() {
+  const dirs = { left: false, right: false, up: false, down: false };
+  for (const code of held) dirs[DIRS[code]] = true;
+  send({ type: "input", ...dirs, latent });
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const digit = /^Digit([1-9])$/.exec(e.code);
+  if (DIRS[e.code]) {
+    e.preventDefault();  // arrows and space would scroll the page
+    if (!held.has(e.code)) { held.add(e.code); sendInput(); }
+  } else if (digit && hello && +digit[1] <= hello.num_latent_actions) {
+    if (latent !== +digit[1] - 1) { latent = +digit[1] - 1; sendInput(); }
+  } else if (ONCE[e.code] && !e.repeat) {
+    send(ONCE[e.code]);
+  }
+});
+
+document.addEventListener("keyup", (e) => {
+  const digit = /^Digit([1-9])$/.exec(e.code);
+  if (held.delete(e.code)) sendInput();
+  else if (digit && latent === +digit[1] - 1) { latent = null; sendInput(); }
+});
+
+// Keys released while the page had no focus would stay held: let go of everything.
+window.addEventListener("blur", () => { held.clear(); latent = null; sendInput(); });
+// A hidden tab stops playing, so the model does not run for nobody.
+document.addEventListener("visibilitychange", () => { if (document.hidden) send({ type: "pause", paused: true }); });
+
+connect();

@@ -1,0 +1,49 @@
+"""`procgenie bench`: the real command on the tiny preset and a tiny run; SPEC's JSON schema, no timing thresholds."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from procgenie import checkpoint
+from procgenie.bench import load_world, table
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_bench_writes_the_spec_schema_with_positive_finite_figures(tiny_run, tmp_path):
+    out = tmp_path / "bench.json"
+    # One thread: the test suite may share the machine, and OpenMP threads that wait for each other on
+    # busy cores turn milliseconds into seconds.
+    proc = subprocess.run([sys.executable, "-m", "procgenie", "bench", "--preset", "tiny", "--checkpoint",
+                           str(tiny_run), "--seconds", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert isinstance(r["device"], str) and r["device"].startswith("cpu")
+    assert set(r["train_frames_per_s"]) == {"tokenizer", "lam", "dynamics"}
+    assert all(_positive(v) for v in r["train_frames_per_s"].values())
+    for key in ("matmul_peak_share", "play_fps", "play_latency_ms_p50", "play_latency_ms_p95"):
+        assert _positive(r[key]), key
+    assert r["play_latency_ms_p50"] <= r["play_latency_ms_p95"]
+    assert r["play_maskgit_steps"] == 2                       # the tiny dynamics config's default
+    assert "frames/s" in proc.stdout and "dynamics" in proc.stdout and "timing" in proc.stderr
+    assert not list(tmp_path.glob(".*.tmp"))                  # written atomically
+
+
+def test_without_a_model_play_is_reported_as_not_measured():
+    if (checkpoint.PRETRAINED / "dynamics" / "model.safetensors").exists():
+        pytest.skip("this install bundles a pretrained model")
+    wm, note = load_world(None, torch.device("cpu"))
+    assert wm is None and note.startswith("not measured")
+    r = {"device": "cpu: x", "torch": "2", "precision": "bf16", "preset": "tiny", "matmul_flops_per_s": 1e9,
+         "matmul_size": 2048, "train": {"dynamics": {"frames_per_s": 1.0, "step_ms": 1.0, "batch_size": 4,
+                                                     "seq_len": 4, "flops_per_step": 1e6, "flops_per_s": 1e9}},
+         "train_peak_share": {"dynamics": 1.0}, "play_fps": None, "play_note": note}
+    assert note in table(r)

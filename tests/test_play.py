@@ -1,0 +1,223 @@
+"""`procgenie play`: the key mapping, the websocket protocol and its guards, the busy port, and a real
+headless browser that plays, pauses, steps, records and changes level on the page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from procgenie.play import server as play
+from conftest import run_cli
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    """The play server with the tiny run, on a free port, its event loop in a thread of this process."""
+    from procgenie.world import WorldModel
+    hub = play.Hub(WorldModel.from_pretrained(tiny_run, device="cpu"), level=0, max_sessions=2)
+    sock = play.listen("127.0.0.1", 0)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(play.make_app(hub))
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.SockSite(runner, sock).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", hub=hub)
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def sessions(server) -> int:
+    with urllib.request.urlopen(server.url + "/stats", timeout=10) as r:
+        return json.load(r)["sessions"]
+
+
+def wait_for(cond, timeout=20.0, what="condition"):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("keys, action", [
+    ({}, 4), ({"left": True}, 1), ({"right": True}, 7), ({"up": True}, 5), ({"down": True}, 3),
+    ({"right": True, "up": True}, 8), ({"left": True, "up": True}, 2), ({"right": True, "down": True}, 6),
+    ({"left": True, "down": True}, 0), ({"left": True, "right": True}, 4), ({"up": True, "down": True}, 5)])
+def test_held_keys_map_to_coinrun_actions(keys, action):
+    assert play.real_action(**{"left": False, "right": False, "up": False, "down": False, **keys}) == action
+
+
+def test_latent_actions_map_to_their_most_common_real_action():
+    counts = np.zeros((15, 4), np.int64)  # (real, latent)
+    counts[7, 0], counts[1, 0] = 9, 3     # latent 0: mostly right
+    counts[12, 1], counts[5, 1] = 5, 4    # latent 1: Procgen's 9..14 do nothing, so they count as noop
+    counts[2, 3] = 1                      # latent 2 never seen: noop
+    assert play.real_for_latent(counts).tolist() == [7, 4, 4, 2]
+
+
+async def _next(ws, want: str | None = None, timeout: float = 20.0):
+    """The next message: a dict for JSON text, (meta, payload) for binary; skip to type `want` if given."""
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            obj = json.loads(msg.data)
+            if want in (None, obj["type"]):
+                return obj
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            kind, n = struct.unpack(">BI", msg.data[:5])
+            if want in (None, "frame" if kind == play.KIND_FRAME else "gif"):
+                return json.loads(msg.data[5:5 + n]), msg.data[5 + n:]
+        else:
+            return msg  # closed
+
+
+def test_malformed_messages_get_an_error_and_change_nothing(server):
+    async def go():
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.url + "/ws") as ws:
+            hello = await _next(ws, "hello")
+            assert hello["num_latent_actions"] == server.hub.wm.num_latent_actions
+            meta, pixels = await _next(ws, "frame")
+            assert len(pixels) == 2 * 64 * 64 * 3 and meta["level"] == 0
+            await ws.send_str(json.dumps({"type": "pause", "paused": True}))
+            assert (await _next(ws, "state"))["paused"]
+            await asyncio.sleep(0.3)  # a frame already being made when the pause came still arrives
+            (player,) = server.hub.players
+            before = (player.step_no, dict(player.keys), player.latent, player.paused, player.level)
+            bad = ["{not json", "[1, 2]", '"input"', "{}", json.dumps({"type": 3}), json.dumps({"type": "fly"}),
+                   json.dumps({"type": "input", "left": 1}), json.dumps({"type": "input", "latent": True}),
+                   json.dumps({"type": "input", "latent": 99}), json.dumps({"type": "input", "right": True, "x": 1}),
+                   json.dumps({"type": "reset", "level": "seven"}), json.dumps({"type": "reset", "level": -1}),
+                   json.dumps({"type": "pause", "paused": "no"}), "x" * 5000,
+                   json.dumps({"type": "input", "right": True, "pad": "y" * 100_000})]
+            for text in bad:
+                await ws.send_str(text)
+                reply = await _next(ws, "error", timeout=5)  # (a frame sent before the pause may come first)
+                assert isinstance(reply, dict) and reply["message"], text[:40]
+            await ws.send_bytes(b"\x00" * 64)
+            assert "JSON text" in (await _next(ws, "error", timeout=5))["message"]
+            assert (player.step_no, dict(player.keys), player.latent, player.paused, player.level) == before
+            # ... and the connection still works: a valid step gives the next frame.
+            await ws.send_str(json.dumps({"type": "input", "right": True}))
+            await ws.send_str(json.dumps({"type": "step"}))
+            meta, _ = await _next(ws, "frame")
+            assert meta["step"] == before[0] + 1 and meta["real"] == 7 and meta["action"] == "right"
+            assert meta["latent"] == server.hub.wm.latent_for_real_action(7) and meta["source"] == "keys"
+            # A latent action picked directly wins over the arrows; the real side takes its usual real action.
+            await ws.send_str(json.dumps({"type": "input", "right": True, "latent": 1}))
+            await ws.send_str(json.dumps({"type": "step"}))
+            meta, _ = await _next(ws, "frame")
+            assert (meta["latent"], meta["source"], meta["real"]) == (1, "latent", server.hub.latent_to_real[1])
+    asyncio.run(go())
+    wait_for(lambda: sessions(server) == 0, what="the closed connection's session to be freed")
+
+
+def test_an_oversized_frame_closes_only_that_connection(server):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.url + "/ws") as ws:
+                await _next(ws, "frame")
+                await ws.send_str("z" * (play.MAX_WS_FRAME + 1))
+                closed = await _next(ws, "never")
+                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            async with http.ws_connect(server.url + "/ws") as ws:
+                assert (await _next(ws, "frame"))[0]["step"] == 0
+    asyncio.run(go())
+    wait_for(lambda: sessions(server) == 0, what="both sessions to be freed")
+
+
+def test_connections_are_bounded_and_freed(server):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            a = await http.ws_connect(server.url + "/ws")
+            b = await http.ws_connect(server.url + "/ws")
+            await _next(a, "frame")
+            await _next(b, "frame")
+            assert sessions(server) == 2
+            c = await http.ws_connect(server.url + "/ws")
+            assert "full" in (await _next(c))["message"]
+            await a.close()
+            wait_for(lambda: sessions(server) == 1, what="a freed session")
+            await b.close()
+            await c.close()
+    asyncio.run(go())
+    wait_for(lambda: sessions(server) == 0, what="every session to be freed")
+
+
+def test_a_busy_port_is_one_clear_line(tiny_run):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("play", "--checkpoint", str(tiny_run), "--port", str(port), check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port}" in lines[0] and "--port N" in lines[0], proc.stderr
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM}: `apt-get install chromium` for the browser test")
+def test_a_browser_plays_pauses_steps_records_and_resets(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    step = "+document.getElementById('step').textContent"
+    pixels = "id => document.getElementById(id).getContext('2d').getImageData(0, 0, 64, 64).data.join(',')"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(server.url + "/")
+            page.wait_for_function(f"{step} >= 3", timeout=30_000)
+            assert "jump" in page.inner_text("#controls") and page.locator("#latents li").count() >= 2
+            dream0, real0, s0 = page.evaluate(pixels, "dream"), page.evaluate(pixels, "real"), page.evaluate(step)
+            page.keyboard.down("ArrowRight")
+            page.wait_for_function(f"document.getElementById('action').textContent.startsWith('right')")
+            page.wait_for_function(f"{step} >= {s0 + 10}", timeout=30_000)
+            page.keyboard.up("ArrowRight")
+            assert page.evaluate(pixels, "dream") != dream0 and page.evaluate(pixels, "real") != real0
+            assert "fps" in page.inner_text("header")
+            page.keyboard.down("Digit2")  # latent action 1, directly
+            page.wait_for_function("document.getElementById('action').textContent.startsWith('latent 1')")
+            page.keyboard.up("Digit2")
+
+            page.keyboard.press("KeyP")  # pause: the step count stops
+            page.wait_for_selector(".flag.paused")
+            time.sleep(0.3)
+            s1 = page.evaluate(step)
+            time.sleep(0.6)
+            assert page.evaluate(step) == s1
+            page.keyboard.press("KeyE")  # one step while paused
+            page.wait_for_function(f"{step} === {s1 + 1}")
+            time.sleep(0.4)
+            assert page.evaluate(step) == s1 + 1
+
+            page.keyboard.press("KeyG")  # record a few frames, then stop: the page offers the GIF
+            page.keyboard.press("KeyP")
+            page.wait_for_function(f"{step} >= {s1 + 5}", timeout=30_000)
+            page.keyboard.press("KeyG")
+            page.wait_for_selector("#gif", timeout=60_000)
+            head = page.evaluate("fetch(document.getElementById('gif').href).then(r => r.arrayBuffer())"
+                                 ".then(b => String.fromCharCode(...new Uint8Array(b).slice(0, 6)))")
+            assert head == "GIF89a" and page.get_attribute("#gif", "download").endswith(".gif")
+
+            level = page.inner_text("#level")
+            page.keyboard.press("KeyR")  # a new level: a fresh test-split seed, the count starts again
+            page.wait_for_function(f"document.getElementById('level').textContent !== '{level}'")
+            assert int(page.inner_text("#level")) % 20 == 0
+        finally:
+            browser.close()
+    wait_for(lambda: sessions(server) == 0, what="the page's session to be freed")
