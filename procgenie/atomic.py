@@ -38,6 +38,33 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def remove_stale_tmp(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that killed processes left in `folder`; returns how many.
+
+    `write_atomic` names them `.NAME.PID.tmp`: one whose process still runs is another writer's, and stays.
+    """
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and _running(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

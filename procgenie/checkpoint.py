@@ -60,8 +60,10 @@ def read_config(stage_dir: Path, stage: str) -> tuple[C.StageConfig, dict]:
                         f"`procgenie train {stage} --data DIR --run {stage_dir.parent}`")
     try:
         obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is damaged ({e.msg}): retrain this stage") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({getattr(e, 'msg', e)}): retrain this stage") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): retrain this stage")
     if obj.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} was written by an incompatible procgenie version (format "
                         f"{obj.get('format_version')}, this version reads {FORMAT_VERSION}): retrain this stage")
@@ -119,13 +121,21 @@ def save_state(path: Path, model, optimizer, step: int, extra: dict) -> None:
         "json": json.dumps(meta)})), path)
 
 
-def load_state(path: Path, model, optimizer) -> dict:
+def state_meta(path: Path) -> dict:
+    """The metadata (step, ...) of a trainer state, from its header: a truncated file is named here, cheaply."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["json"])
+            return json.loads(f.metadata()["json"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is damaged ({e}): delete it to restart this stage from scratch") from None
+
+
+def load_state(path: Path, model, optimizer) -> dict:
+    meta = state_meta(path)
+    try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is damaged ({e}): delete it to restart this stage from scratch") from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -181,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"procgenie {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every write is atomic (a temporary file, then a rename): what was there before is still whole.
+        print(f"procgenie {args.command}: error: disk full while writing {e.filename or 'a file'}; what was written "
+              "before is intact: free some space and rerun the same command", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         os._exit(0)
     return 0

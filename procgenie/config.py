@@ -190,7 +190,7 @@ def apply_overrides(stages: dict[str, StageConfig], overrides: list[str], only: 
     """
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"bad --set '{item}': write it as key=value, e.g. --set lr=3e-4")
+            raise UserError(f"bad --set {item!r}: write it as key=value, e.g. --set lr=3e-4")
         key, raw = item.split("=", 1)
         key = key.strip()
         parts = key.split(".")
@@ -219,14 +219,31 @@ def apply_overrides(stages: dict[str, StageConfig], overrides: list[str], only: 
         if not hit:
             valid = sorted({n for s in only for n in list(_field_types(type(stages[s].model)))
                             + list(_field_types(TrainConfig))})
-            raise UserError(f"unknown --set key '{key}' for {'/'.join(only)}: valid keys are {', '.join(valid)}")
+            raise UserError(f"unknown --set key {key!r} for {'/'.join(only)}: valid keys are {', '.join(valid)}")
     for stage in only:
         validate(stages[stage])
+
+
+# Model fields that may be 0; every other integer of a model config is a size or a count, at least 1.
+MAY_BE_ZERO = {"stem_channels"}
 
 
 def validate(sc: StageConfig) -> None:
     """Cross-field checks that a bad override would otherwise turn into a shape error deep inside."""
     m, t = sc.model, sc.train
+    for name, typ in _field_types(type(m)).items():
+        low = 0 if name in MAY_BE_ZERO else 1
+        if typ is int and getattr(m, name) < low:
+            raise UserError(f"{sc.stage}: {name} must be at least {low}, got {getattr(m, name)}")
+    levels = getattr(m, "fsq_levels", (2,))
+    if not levels or min(levels) < 2:
+        raise UserError(f"{sc.stage}: fsq_levels must be one or more levels of at least 2, got {m.fsq_levels}")
+    for name in ("commitment", "temperature"):
+        if getattr(m, name, 0) < 0:
+            raise UserError(f"{sc.stage}: {name} must not be negative")
+    if not 0 <= getattr(m, "mask_min", 0) <= getattr(m, "mask_max", 1) <= 1:
+        raise UserError(f"{sc.stage}: mask rates must satisfy 0 <= mask_min <= mask_max <= 1, got "
+                        f"{m.mask_min} and {m.mask_max}")
     if hasattr(m, "image_size") and m.image_size % m.patch_size:
         raise UserError(f"{sc.stage}: patch_size {m.patch_size} must divide image_size {m.image_size}")
     if m.width % m.heads:
@@ -239,9 +256,15 @@ def validate(sc: StageConfig) -> None:
         raise UserError(f"{sc.stage}: seq_len must be at least 2")
     if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}")
-    for name in ("lr", "warmup", "weight_decay", "grad_clip"):
+    for name in ("lr", "warmup", "weight_decay", "grad_clip", "seed", "workers"):
         if getattr(t, name) < 0:
             raise UserError(f"{sc.stage}: train.{name} must not be negative")
+    if t.log_every < 1 or t.ckpt_every < 1:
+        raise UserError(f"{sc.stage}: train.log_every and train.ckpt_every must be at least 1")
+    if not 0 <= t.min_lr_frac <= 1:
+        raise UserError(f"{sc.stage}: train.min_lr_frac must lie in 0..1, got {t.min_lr_frac}")
+    if t.lr > 1e37:  # AdamW's first step is lr / (1 - beta1) = 10 lr: past float32's ~3.4e38 it cannot be applied
+        raise UserError(f"{sc.stage}: train.lr {t.lr:g} is too large to apply; learning rates lie around 1e-4 to 1e-2")
 
 
 def help_text(stages: tuple[str, ...]) -> str:
@@ -263,21 +286,36 @@ def to_dict(sc: StageConfig) -> dict:
     return {"stage": sc.stage, "model": dataclasses.asdict(sc.model), "train": dataclasses.asdict(sc.train)}
 
 
+def _of_type(v, typ) -> bool:
+    """Is the JSON value v one of the field type `typ` (a bool is no int; an int is a float)?"""
+    if typing.get_origin(typ) is tuple:
+        return isinstance(v, (list, tuple)) and all(_of_type(x, int) for x in v)
+    if typ is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, typ) and (typ is bool or not isinstance(v, bool))
+
+
 def _from_fields(cls, d: dict):
     types_ = _field_types(cls)
     kwargs = {}
     for k, v in d.items():
         if k not in types_:
-            raise UserError(f"config has unknown field '{k}' for {cls.__name__}: it was written by an "
+            raise UserError(f"config has unknown field {k!r} for {cls.__name__}: it was written by an "
                             "incompatible procgenie version; retrain with this version")
-        kwargs[k] = tuple(v) if typing.get_origin(types_[k]) is tuple else v
+        if not _of_type(v, types_[k]):  # a hand-edited or damaged file: name it here, not in a shape error
+            raise UserError(f"config field {cls.__name__}.{k} holds {v!r:.40}, not a value of its type: "
+                            "the config.json is damaged; retrain this stage")
+        kwargs[k] = tuple(v) if typing.get_origin(types_[k]) is tuple else float(v) if types_[k] is float else v
     return cls(**kwargs)
 
 
 def from_dict(d: dict) -> StageConfig:
-    stage = d.get("stage")
-    if stage not in MODEL_CONFIGS:
-        raise UserError(f"config names an unknown stage '{stage}'")
+    stage = d.get("stage") if isinstance(d, dict) else None
+    if not isinstance(stage, str) or stage not in MODEL_CONFIGS:
+        raise UserError(f"config names an unknown stage {stage!r:.40}")
+    if not isinstance(d.get("model"), dict) or not isinstance(d.get("train"), dict):
+        raise UserError(f"the {stage} config lacks its model or train settings: the config.json is damaged; "
+                        "retrain this stage")
     return StageConfig(stage, _from_fields(MODEL_CONFIGS[stage], d["model"]), _from_fields(TrainConfig, d["train"]))
 
 

@@ -60,6 +60,11 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     if context < 1 or horizon < 4:
         raise UserError(f"--context must be at least 1 and --horizon at least 4 (delta_psnr_t4 needs step 4), "
                         f"got {context} and {horizon}")
+    for name, value in (("--episodes", episodes), ("--maskgit-steps", maskgit_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the report")
     wm = WorldModel.from_pretrained(checkpoint)
     ds = Dataset(data)
     check_data(wm.tok_extra, ds, "world model")

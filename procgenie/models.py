@@ -69,13 +69,15 @@ def check_links(run_dir: Path, extra: dict) -> None:
                             f"{want}, found {have}): retrain the dynamics stage, or restore that {stage}")
 
 
-def check_data(extra: dict, ds, what: str) -> None:
+def check_data(extra: dict, ds, what: str, other: str = "train on this one") -> None:
+    """Refuse a dataset of another game or frame size than the one the model (its config's `extra`) learnt."""
     data = extra.get("data", {})
     if data.get("env") and data["env"] != ds.env:
         raise UserError(f"the {what} was trained on {data['env']} but {ds.root} holds {ds.env}: use a {data['env']} "
-                        "dataset, or train on this one")
+                        f"dataset, or {other}")
     if data.get("image_size") and data["image_size"] != ds.image_size:
-        raise UserError(f"the {what} expects {data['image_size']} px frames but {ds.root} holds {ds.image_size} px")
+        raise UserError(f"the {what} expects {data['image_size']} px frames but {ds.root} holds {ds.image_size} px: "
+                        f"use a dataset of {data['image_size']} px frames, or {other}")
 
 
 def build_for_training(stage: str, sc: C.StageConfig, ds, run_dir: Path, device) -> tuple[torch.nn.Module, dict]:

@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from procgenie import checkpoint as ckpt
 from procgenie import config as C
+from procgenie.atomic import remove_stale_tmp, write_bytes_atomic
 from procgenie.data.loader import ClipSampler, batches
 from procgenie.data.store import Dataset
 from procgenie.errors import UserError
-from procgenie.models import build_for_training, write_action_map
+from procgenie.models import build_for_training, check_data, write_action_map
 from procgenie.nn.blocks import STTransformer
 
 # Fields that may change when a run is resumed; any other difference means another experiment. The
@@ -99,11 +100,11 @@ def _mean_across_ranks(values: dict, device) -> dict:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def _finite_everywhere(loss: float, device) -> bool:
-    """Is the loss finite on every rank? All ranks must stop together, or the others wait forever."""
+def _finite_everywhere(ok: bool, device) -> bool:
+    """Is `ok` (the loss is finite) true on every rank? All ranks must stop together, or the others wait forever."""
     if not (dist.is_available() and dist.is_initialized()):
-        return math.isfinite(loss)
-    t = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+        return ok
+    t = torch.tensor([0.0 if ok else 1.0], device=device)
     dist.all_reduce(t)
     return t.item() == 0
 
@@ -157,6 +158,9 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
     start = 0
     if state_path.exists():
         start = ckpt.load_state(state_path, model, opt)["step"]
+    if rank == 0:  # what a killed run left behind: half-written checkpoints, log lines of steps it redoes
+        remove_stale_tmp(stage_dir)
+        _trim_log(stage_dir / "log.jsonl", start)
     if start >= t.steps:
         if rank == 0 and not quiet:
             print(f"{sc.stage}: already trained to step {start} ({stage_dir})")
@@ -177,6 +181,7 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
     bar = tqdm(total=t.steps, initial=start, desc=sc.stage, disable=rank != 0 or quiet, dynamic_ncols=True)
     frames_per_step = t.batch_size * sampler.seq_len
     last = {"step": start}
+    saved = start  # the step of the checkpoint on disk
     tic, tic_step = time.perf_counter(), start
     model.train()
     try:
@@ -185,9 +190,10 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, t)
             metrics = train_step(net, model, opt, batch, t, device, step, rank)
-            if not _finite_everywhere(metrics["loss"], device):
-                raise UserError(f"{sc.stage}: the loss became non-finite at step {step}; the last good checkpoint "
-                                f"is kept: lower the learning rate (--set lr={t.lr / 3:.2g}) and rerun")
+            # A non-finite gradient norm has already spoilt the weights, even where the loss was finite.
+            if not _finite_everywhere(math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("grad_norm", 0.0)),
+                                      device):
+                raise _diverged(sc.stage, step, saved, t)
             bar.update(1)
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
@@ -204,7 +210,11 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
                         if tb is not None and k != "step":
                             tb.add_scalar(f"{sc.stage}/{k}", v, done)
             if done % t.ckpt_every == 0 or done == t.steps:
+                # Without grad_clip there is no gradient norm to check: never checkpoint weights that are not finite.
+                if not _finite_everywhere(all(bool(p.isfinite().all()) for p in model.parameters()), device):
+                    raise _diverged(sc.stage, step, saved, t)
                 _checkpoint(model, opt, done, stage_dir, rank)
+                saved = done
     finally:
         bar.close()
         if log:
@@ -242,12 +252,35 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
     return totals
 
 
+def _diverged(stage: str, step: int, saved: int, t: C.TrainConfig) -> UserError:
+    kept = f"the checkpoint of step {saved} is kept" if saved else "nothing was checkpointed"
+    return UserError(f"{stage}: the loss became non-finite at step {step}; {kept}: lower the learning rate "
+                     f"(--set lr={t.lr / 3:.2g}) and train into another --run")
+
+
 def _checkpoint(model, opt, step: int, stage_dir: Path, rank: int) -> None:
     if rank == 0:
-        ckpt.save_state(stage_dir / "state.safetensors", model, opt, step, {})
+        # The weights first and the trainer state last: a rerun resumes from the state, so a kill between the
+        # two redoes these steps and rewrites the weights. (The other order, killed at the last step, left a
+        # finished stage whose model.safetensors was one checkpoint behind.)
         ckpt.save_weights(stage_dir / "model.safetensors", model, {"step": step})
+        ckpt.save_state(stage_dir / "state.safetensors", model, opt, step, {})
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the log records up to `step`, where a resumed run starts: a killed run logged steps it will redo."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # the torn last line of a killed run
+            pass
+    write_bytes_atomic(path, "".join(keep).encode())
 
 
 def _tensorboard(stage_dir: Path):
@@ -297,7 +330,8 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
     speed_settings(device, sc.train.deterministic)
     model, links = build_for_training(stage, sc, ds, run_dir, device)
     stage_dir = run_dir / stage
-    if rank == 0:
+    trained = check_resume(stage_dir, stage, ds, links)
+    if rank == 0 and trained < sc.train.steps:  # a finished stage keeps the config it was trained with
         stage_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_config(stage_dir, sc, {"preset": preset_name, "links": links,
                                           "data": {"path": str(Path(data).resolve()), "env": ds.env,
@@ -319,10 +353,34 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
     return result
 
 
+def check_resume(stage_dir: Path, stage: str, ds: Dataset, links: dict) -> int:
+    """The step a stage resumes from, after refusing to continue it on another game's frames, or a dynamics
+    model on another tokenizer or LAM.
+
+    Before anything is written: rewriting config.json would pass the mismatch off as the run's own.
+    """
+    if not (stage_dir / "config.json").exists():
+        return 0
+    _, extra = ckpt.read_config(stage_dir, stage)
+    state = stage_dir / "state.safetensors"
+    step = ckpt.state_meta(state)["step"] if state.exists() else 0  # a damaged state: named here, first
+    check_data(extra, ds, f"{stage} in {stage_dir}", other="train into another --run")
+    if not state.exists() and not (stage_dir / "model.safetensors").exists():
+        return 0  # nothing trained yet: the links are free to change
+    for what, link in links.items():
+        want = extra.get("links", {}).get(what, {}).get("fingerprint")
+        if want != link["fingerprint"]:
+            raise UserError(f"{stage_dir} was trained with another {what} (weights {want}, now {link['fingerprint']}): "
+                            f"restore that {what}, or train the {stage} stage into another --run")
+    return step
+
+
 def train_stages(stage: str, data: str, run: str, preset: str | None = None, steps: int | None = None,
                  overrides: list[str] | None = None) -> None:
     stages = C.STAGES if stage == "all" else (stage,)
     overrides = overrides or []
+    if Path(run).exists() and not Path(run).is_dir():
+        raise UserError(f"--run {run} is a file: give a folder for the run")
     lost = [o for o in overrides if not any(_applies(s, o) for s in stages)]
     if lost:  # let the usual check name the unknown key
         C.apply_overrides(C.preset("cpu"), lost, stages)

@@ -9,8 +9,10 @@ crash removes the unrecorded leftovers and collects only the episodes still miss
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import multiprocessing as mp
+import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from procgenie.atomic import remove_stale_tmp
 from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
 from procgenie.errors import UserError
@@ -106,9 +109,23 @@ def _worker(args: dict, worker: int, session: int, quota: int, send) -> None:
 
 
 def _worker_process(args, worker, session, quota, queue) -> None:
+    parent = mp.parent_process()
+
+    def send(msg) -> None:
+        # A main process killed outright (SIGKILL runs no clean-up) cannot stop its workers: they stop here,
+        # or they would go on writing shards that nothing records, beside those of the rerun.
+        if parent is not None and not parent.is_alive():
+            os._exit(1)
+        queue.put(msg)
+
     try:
-        _worker(args, worker, session, quota, queue.put)
+        _worker(args, worker, session, quota, send)
         queue.put(("done", worker))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the user's to fix: the main process names it in one line
+            queue.put(("disk-full", (e.errno, e.strerror, e.filename)))
+        else:
+            queue.put(("error", traceback.format_exc()))
     except BaseException:  # report everything: the main process decides
         queue.put(("error", traceback.format_exc()))
 
@@ -122,7 +139,8 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
     if policy not in POLICIES:
         raise UserError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
     for name, value, low in (("--episodes", episodes, 1), ("--workers", workers, 1), ("--max-steps", max_steps, 2),
-                             ("--num-levels", num_levels, 0), ("--start-level", start_level, 0)):
+                             ("--num-levels", num_levels, 0), ("--start-level", start_level, 0), ("--envs", envs, 1),
+                             ("--shard-frames", shard_frames, 1)):
         if value < low:
             raise UserError(f"{name} must be at least {low}, got {value}")
     root = Path(out)
@@ -145,6 +163,7 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
                     "shards": []}
     (root / "shards").mkdir(parents=True, exist_ok=True)
     store.remove_orphans(root, manifest)
+    remove_stale_tmp(root)  # a manifest write that a kill cut short
     have = sum(s["episodes"] for s in manifest["shards"])
     todo = episodes - have
     if todo <= 0:
@@ -208,6 +227,8 @@ def _run_processes(args: dict, session: int, quotas: list[int], on_message) -> N
                 running -= 1
             elif msg[0] == "error":
                 raise RuntimeError(f"a collect worker failed:\n{msg[1]}")
+            elif msg[0] == "disk-full":
+                raise OSError(*msg[1])
             else:
                 on_message(msg)
     finally:

@@ -132,7 +132,23 @@ def read_manifest(root: str | Path) -> dict:
     if manifest.get("version") != VERSION:
         raise UserError(f"{root} has dataset format version {manifest.get('version')}, this procgenie reads "
                         f"version {VERSION}: recollect it with this version")
+    if not _well_formed(manifest):  # a hand-edited manifest: named here, not as a KeyError deep inside
+        raise UserError(f"{path} is damaged (a field is missing or of the wrong type): restore it, or recollect "
+                        "the dataset")
     return manifest
+
+
+RECORD = {"name": str, "split": str, "frames": int, "episodes": int, "shape": list, "sha256": dict}
+
+
+def _well_formed(manifest: dict) -> bool:
+    shards = manifest.get("shards")
+    if not isinstance(manifest.get("env"), str) or not isinstance(manifest.get("image_size"), int) \
+            or not isinstance(shards, list):
+        return False
+    # A record's name becomes a path: only the collector's own names, never `../` or a folder.
+    return all(isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in RECORD.items())
+               and SHARD_NAME.match(r["name"]) and r["split"] in SPLITS and r["frames"] >= 0 for r in shards)
 
 
 @dataclass

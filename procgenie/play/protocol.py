@@ -50,11 +50,12 @@ def real_for_latent(counts_RA: np.ndarray) -> np.ndarray:
 
 def parse(text: str, num_latent: int) -> tuple[str, dict]:
     """A client message -> (type, fields), or BadMessage naming what is wrong."""
-    if len(text) > MAX_MESSAGE or len(text.encode()) > MAX_MESSAGE:
+    # surrogatepass: text with a lone surrogate (no UTF-8 encoder takes one) is measured here, not a crash
+    if len(text) > MAX_MESSAGE or len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE:
         raise BadMessage(f"message too long: at most {MAX_MESSAGE} bytes")
     try:
         msg = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: `[[[[...` a thousand deep fits in MAX_MESSAGE
         raise BadMessage("not JSON") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise BadMessage('a message is a JSON object with a "type"')

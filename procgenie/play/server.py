@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from procgenie.errors import UserError
-from procgenie.play.game import FPS, MAX_SESSIONS, MAX_WS_FRAME, Hub, Player, play_maskgit_steps  # noqa: F401
+from procgenie.play.game import FPS, KIND_FRAME, KIND_GIF, MAX_SESSIONS, MAX_WS_FRAME, Hub, Player  # noqa: F401
+from procgenie.play.game import play_maskgit_steps  # noqa: F401
 from procgenie.play.protocol import MAX_MESSAGE, BadMessage, real_action, real_for_latent  # noqa: F401
 
 log = logging.getLogger("procgenie.play")
@@ -162,6 +163,8 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, maskgit_steps: 
         raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
     if level is not None and not 0 <= level < 2**31 - 1:
         raise UserError(f"--start-level must lie in 0..{2**31 - 2}, got {level}")
+    if not 0 < fps <= 1000 or max_sessions < 1:
+        raise UserError(f"--fps must lie in (0, 1000] and --max-players be at least 1, got {fps:g} and {max_sessions}")
     sock = listen(host, port)  # first: a busy port fails at once, before the model loads
     try:
         hub = Hub(WorldModel.from_pretrained(checkpoint), maskgit_steps, level, fps, max_sessions)
