@@ -150,6 +150,7 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
     from procgenie.play.server import play_maskgit_steps
     from procgenie.world import Session
     steps = play_maskgit_steps(wm, maskgit_steps)
+    wm.fast_weights()  # as play runs it
     size = wm.image_size
     # (1, C, H, W, 3): as many context frames as play starts from; their content does not change the work.
     context = np.full((1, context_length(wm), size, size, 3), 128, np.uint8)

@@ -56,8 +56,11 @@ class LAMConfig:
     num_actions: int = _f(8, "latent action codebook size")
     code_dim: int = _f(32, "latent action code dimension")
     commitment: float = _f(0.25, "VQ commitment loss weight")
+    continuous_frac: float = _f(0.25, "share of the training steps that use a continuous action latent before the "
+                                      "VQ starts; without it the 8-code VQ collapses before the decoder uses it")
     action_cond: str = _f("token", "how the decoder sees a_t: 'token' (own token) or 'add' (added to every patch)")
-    seq_len: int = _f(8, "frames per training clip")
+    motion_input: bool = _f(True, "the encoder also sees each frame's change since the previous frame")
+    seq_len: int = _f(2, "frames per training clip (2: the decoder sees x_t only, so a_t must carry the motion)")
 
 
 @dataclass
@@ -122,9 +125,12 @@ def preset(name: str) -> dict[str, StageConfig]:
         dyn = DynamicsConfig(width=32, depth=1, heads=2, maskgit_steps=2, seq_len=4)
         t_tok = t_lam = t_dyn = TrainConfig(steps=20, batch_size=4, lr=2e-3, warmup=2, log_every=5, ckpt_every=10)
     elif name == "cpu":  # the default: all three stages in about an hour on 2 cores
-        t_tok = TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup=100)
-        t_lam = TrainConfig(steps=1500, batch_size=8, lr=1e-3, warmup=100)
-        t_dyn = TrainConfig(steps=3000, batch_size=8, lr=1e-3, warmup=100)
+        tok = TokenizerConfig(width=128, seq_len=2)
+        lam = LAMConfig(width=128)
+        dyn = DynamicsConfig(seq_len=8)
+        t_tok = TrainConfig(steps=3500, batch_size=16, lr=1e-3, warmup=100)
+        t_lam = TrainConfig(steps=2000, batch_size=32, lr=3e-4, warmup=100)
+        t_dyn = TrainConfig(steps=2000, batch_size=8, lr=1e-3, warmup=100)
     elif name == "seed":  # the original Config class of SEED.md
         tok = TokenizerConfig(quantizer="vq", codebook_size=512, code_dim=64, patch_size=4, codes_per_patch=1,
                               width=256, heads=4,
@@ -250,6 +256,8 @@ def validate(sc: StageConfig) -> None:
         raise UserError(f"{sc.stage}: width {m.width} must be divisible by heads {m.heads}")
     if getattr(m, "quantizer", "fsq") not in ("fsq", "vq"):
         raise UserError(f"{sc.stage}: quantizer must be 'fsq' or 'vq', not '{m.quantizer}'")
+    if not 0 <= getattr(m, "continuous_frac", 0) < 1:
+        raise UserError(f"{sc.stage}: continuous_frac must lie in [0, 1), got {m.continuous_frac}")
     if getattr(m, "action_cond", "token") not in ("token", "add"):
         raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
     if m.seq_len < 2 and sc.stage != "tokenizer":

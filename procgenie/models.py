@@ -99,7 +99,7 @@ def build_for_training(stage: str, sc: C.StageConfig, ds, run_dir: Path, device)
 
 
 @torch.no_grad()
-def action_map(lam: LAM, sampler, device, batches: int = 40) -> dict:
+def action_map(lam: LAM, sampler, device, batches: int = 200) -> dict:
     """Co-occurrence counts of real (rows, 15) and latent (columns) actions over training clips."""
     counts = np.zeros((15, lam.cfg.num_actions), np.int64)
     for step in range(batches):

@@ -231,6 +231,8 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
     accumulation divides by t.grad_accum, so the step's gradient is the mean over the global batch.
     """
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if hasattr(model, "set_step"):  # a model whose training changes with the step (the LAM's warm-up)
+        model.set_step(step, t.steps)
     n = next(iter(batch.values())).shape[0]
     micro = max(1, n // t.grad_accum)
     totals: dict[str, float] = {}

@@ -28,7 +28,7 @@ def test_overrides_reach_model_and_train_fields():
     C.apply_overrides(s, ["width=128", "train.lr=3e-4", "bf16=false", "fsq_levels=8,8,8"], ("tokenizer",))
     assert s["tokenizer"].model.width == 128 and s["tokenizer"].train.lr == 3e-4
     assert s["tokenizer"].train.bf16 is False and s["tokenizer"].model.fsq_levels == (8, 8, 8)
-    assert s["lam"].model.width == 256  # other stages untouched
+    assert s["lam"].model.width == C.preset("cpu")["lam"].model.width  # other stages untouched
 
 
 def test_stage_prefixed_keys_pick_one_stage_under_all():

@@ -62,7 +62,7 @@ def test_bundled_files_are_safetensors_and_json_only():
     """The pretrained world model (if bundled) holds no format that runs code on load (.pt, .pkl, .ckpt ...)."""
     data = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
             and "static" not in p.parts]
-    assert all(p.suffix in (".safetensors", ".json", ".md", ".txt") for p in data), data
+    assert all(p.suffix in (".safetensors", ".json", ".jsonl", ".md", ".txt") for p in data), data
 
 
 def test_play_listens_on_this_machine_only_by_default():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_cli
 from procgenie import WorldModel
@@ -75,3 +76,33 @@ def test_eval_writes_every_spec_field_and_a_report(tiny_run, coinrun_data, tmp_p
     for img in ("recon_grid.png", "codebook_usage.png", "single_step.png", "multi_step.png", "psnr_by_step.png",
                 "lam_confusion.png", "rollout.gif"):
         assert img in html and (out / img).stat().st_size > 1000
+
+
+def test_real_actions_map_to_the_latent_most_specific_to_them():
+    from procgenie.world import most_specific_latent
+    counts = np.zeros((15, 4), np.int64)
+    counts[:, 0] = 100                      # latent 0 is common with every real action ("keep going")
+    counts[7, 2] = 60                       # right: latent 2 is rare overall but comes with it
+    counts[5, 3] = 50                       # up: latent 3
+    m = most_specific_latent(counts)
+    assert counts.argmax(1)[7] == 0 and m[7] == 2 and m[5] == 3 and m[4] == 0
+
+
+def test_bundle_makes_a_loadable_bf16_copy_with_relinked_stages(tiny_run, clip, tmp_path):
+    from safetensors import safe_open
+
+    from procgenie.bundle import bundle
+    out = tmp_path / "bundle"
+    bundle(tiny_run, out)
+    for stage in ("tokenizer", "lam", "dynamics"):
+        assert not (out / stage / "state.safetensors").exists()
+        with safe_open(str(out / stage / "model.safetensors"), "pt") as f:
+            floats = [f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()]
+        assert floats and all(d == torch.bfloat16 for d in floats)
+    assert (out / "lam" / "action_map.json").exists()
+    original, copy = WorldModel.from_pretrained(tiny_run), WorldModel.from_pretrained(out)   # links checked
+    a, b = original.reconstruct(clip).astype(int), copy.reconstruct(clip).astype(int)
+    assert np.abs(a - b).mean() < 2.0       # bf16 weights: nearly the same frames
+    (out / "lam" / "model.safetensors").write_bytes((tiny_run / "lam" / "model.safetensors").read_bytes())
+    with pytest.raises(UserError, match="trained with another lam"):
+        WorldModel.from_pretrained(out)

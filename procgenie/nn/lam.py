@@ -27,11 +27,14 @@ class LAM(nn.Module):
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.width
         self.tokens = (cfg.image_size // p) ** 2                          # N
+        # The encoder sees each frame and its change since the last one: actions are about motion.
+        self.embed_enc = nn.Linear(p * p * 3 * (1 + cfg.motion_input), D)
         self.embed = nn.Linear(p * p * 3, D)
         self.action_query = nn.Parameter(torch.randn(D) * 0.02)
         self.encoder = STTransformer(D, cfg.enc_depth, cfg.heads, self.tokens + 1)
         self.to_code = nn.Linear(D, cfg.code_dim)
         self.vq = VectorQuantizer(cfg.num_actions, cfg.code_dim, cfg.commitment)
+        self.quantizing = True  # False during the continuous warm-up (set_step)
         self.from_code = nn.Linear(cfg.code_dim, D)
         self.token_cond = cfg.action_cond == "token"
         self.decoder = STTransformer(D, cfg.dec_depth, cfg.heads, self.tokens + self.token_cond)
@@ -44,11 +47,16 @@ class LAM(nn.Module):
 
     def _infer(self, frames_BTHWC) -> Quantized:
         """Latent actions of the T-1 transitions: codes (B, T-1)."""
-        x = self._patches(frames_BTHWC)
+        f = patchify(to_float(frames_BTHWC) - 0.5, self.cfg.patch_size)   # (B, T, N, P)
+        if self.cfg.motion_input:
+            prev = torch.cat([f[:, :1], f[:, :-1]], 1)                    # frame 0 counts as unchanged
+            f = torch.cat([f, f - prev], -1)
+        x = self.embed_enc(f)
         B, T = x.shape[:2]
         q = repeat(self.action_query, "d -> b t 1 d", b=B, t=T)
         h = self.encoder(torch.cat([q, x], 2), tmask=window_mask(T, self.cfg.seq_len, x.device))
-        return self.vq(self.to_code(h[:, 1:, 0]))  # frame t+1's action token has seen x_{<=t+1}
+        # frame t+1's action token has seen x_{<=t+1}
+        return self.vq(self.to_code(h[:, 1:, 0]), quantize=self.quantizing or not self.training)
 
     def _predict(self, frames_BTHWC, z_BTC) -> torch.Tensor:
         """Given frames x_1..x_t (B, T, ...) and action vectors a_1..a_t (B, T, C): x_2..x_{t+1} in [0, 1]."""
@@ -58,6 +66,10 @@ class LAM(nn.Module):
         h = self.decoder(x, tmask=window_mask(x.shape[1], self.cfg.seq_len, x.device))
         delta = unpatchify(self.to_pixels(h[:, :, -self.tokens:]), self.cfg.patch_size, self.cfg.image_size)
         return to_float(frames_BTHWC) + delta  # predicted as a change of the last frame
+
+    def set_step(self, step: int, total: int) -> None:
+        """Called by the training loop before each optimizer step."""
+        self.quantizing = step >= self.cfg.continuous_frac * total
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self.loss(batch)

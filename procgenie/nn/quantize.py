@@ -30,7 +30,8 @@ class Quantized:
 
 def usage(codes: torch.Tensor, size: int) -> dict[str, float]:
     """Codes used and perplexity (exp of the entropy of the code histogram)."""
-    hist = torch.bincount(codes.flatten(), minlength=size).float()
+    codes = codes.flatten()
+    hist = torch.bincount(codes[(codes >= 0) & (codes < size)], minlength=size).float()  # NaN inputs give junk codes
     p = hist / hist.sum().clamp(min=1)
     entropy = -(p * p.clamp(min=1e-12).log()).sum()
     return {"codes_used": int((hist > 0).sum()), "perplexity": float(entropy.exp())}
@@ -52,7 +53,7 @@ class FSQ(nn.Module):
 
     def forward(self, z: torch.Tensor) -> Quantized:
         z = z.float()
-        shift = torch.atanh(self.offset / self.half_l)
+        shift = torch.atanh((self.offset / self.half_l).clamp(max=0.5))  # z = 0 lands mid-range (2 levels: near it)
         bounded = torch.tanh(z + shift) * self.half_l - self.offset
         q = bounded + (bounded.round() - bounded).detach()  # round, straight-through
         codes = ((q.detach() + self.width).round().long() * self.basis).sum(-1)
@@ -67,21 +68,30 @@ class FSQ(nn.Module):
 class VectorQuantizer(nn.Module):
     """Cosine-similarity VQ with straight-through gradients, commitment loss and dead-code reset."""
 
-    def __init__(self, size: int, dim: int, commitment: float = 0.25, reset_after: float = 0.03, decay: float = 0.99):
+    def __init__(self, size: int, dim: int, commitment: float = 0.25, reset_after: float = 0.1, decay: float = 0.95):
         super().__init__()
         self.size, self.dim, self.commitment = size, dim, commitment
         self.codebook = nn.Parameter(F.normalize(torch.randn(size, dim), dim=-1))
-        # EMA of each code's share of assignments; a code below reset_after / size is dead.
+        # EMA (over ~1/(1-decay) = 20 steps) of each code's share of assignments; a code below
+        # reset_after / size (a tenth of its fair share) is dead. A slower reset let the 8-action LAM
+        # collapse to one action for good within 200 steps (measured).
         self.register_buffer("ema_usage", torch.full((size,), 1.0 / size))
         self.reset_after, self.decay = reset_after, decay
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.codebook, dim=-1)[codes]
 
-    def forward(self, z: torch.Tensor) -> Quantized:
+    def forward(self, z: torch.Tensor, quantize: bool = True) -> Quantized:
+        """quantize=False passes z (normalized) through, for a continuous warm-up: the decoder learns to use
+        the latent before it is cut down to `size` codes. Every code then counts as unused, so the first
+        quantized step moves the codebook onto the encoder's outputs (the dead-code reset)."""
         z = F.normalize(z.float(), dim=-1)
         book = F.normalize(self.codebook.float(), dim=-1)
         codes = (z.reshape(-1, self.dim) @ book.T).argmax(-1).reshape(z.shape[:-1])  # nearest by cosine
+        if not quantize:
+            if self.training:
+                self.ema_usage.zero_()
+            return Quantized(z, codes, 0.0 * book.sum())  # the codebook takes part (zero gradient), as DDP requires
         q = book[codes]
         loss = F.mse_loss(q, z.detach()) + self.commitment * F.mse_loss(z, q.detach())
         if self.training:
@@ -97,8 +107,13 @@ class VectorQuantizer(nn.Module):
         self.ema_usage.mul_(self.decay).add_(counts / counts.sum(), alpha=1 - self.decay)
         dead = self.ema_usage < self.reset_after / self.size
         if dead.any():
-            # Move dead codes onto random recent encoder outputs (rank 0's choice, shared by all ranks).
+            # Move dead codes onto random encoder outputs of the whole global batch (rank 0's choice,
+            # broadcast), so any number of ranks resets like one process would.
             flat = z.reshape(-1, self.dim)
+            if distributed:
+                parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, flat.contiguous())
+                flat = torch.cat(parts)
             pick = torch.randint(0, len(flat), (int(dead.sum()),), device=flat.device)
             self.codebook.data[dead] = flat[pick] + 0.01 * torch.randn_like(flat[pick])
             self.ema_usage[dead] = 1.0 / self.size
