@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import repeat
 
 from procgenie.config import LAMConfig
 from procgenie.nn.blocks import STTransformer, init_weights, patchify, unpatchify, window_mask
