@@ -124,7 +124,7 @@ def preset(name: str) -> dict[str, StageConfig]:
         lam = LAMConfig(patch_size=16, width=32, enc_depth=1, dec_depth=1, heads=2, seq_len=4)
         dyn = DynamicsConfig(width=32, depth=1, heads=2, maskgit_steps=2, seq_len=4)
         t_tok = t_lam = t_dyn = TrainConfig(steps=20, batch_size=4, lr=2e-3, warmup=2, log_every=5, ckpt_every=10)
-    elif name == "cpu":  # the default: all three stages in about an hour on 2 cores
+    elif name == "cpu":  # the default: all three stages in about 75 minutes on 2 cores (bench step times)
         tok = TokenizerConfig(width=128, seq_len=2)
         lam = LAMConfig(width=128)
         dyn = DynamicsConfig(seq_len=8)
