@@ -76,3 +76,15 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from `path`, or a UserError that names the damage and `fix` (what to do about it)."""
+    from procgenie.errors import UserError
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({getattr(e, 'msg', e)}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): {fix}")
+    return obj

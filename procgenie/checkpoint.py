@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from procgenie import config as C
-from procgenie.atomic import write_atomic, write_json_atomic
+from procgenie.atomic import read_json_object, write_atomic, write_json_atomic
 from procgenie.errors import UserError
 
 FORMAT_VERSION = 1
@@ -58,12 +58,7 @@ def read_config(stage_dir: Path, stage: str) -> tuple[C.StageConfig, dict]:
     if not path.exists():
         raise UserError(f"{stage_dir} has no trained {stage} (no config.json): train it with "
                         f"`procgenie train {stage} --data DIR --run {stage_dir.parent}`")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged ({getattr(e, 'msg', e)}): retrain this stage") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} is damaged (not a JSON object): retrain this stage")
+    obj = read_json_object(path, "retrain this stage")
     if obj.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} was written by an incompatible procgenie version (format "
                         f"{obj.get('format_version')}, this version reads {FORMAT_VERSION}): retrain this stage")

@@ -17,14 +17,13 @@ collection killed at any instant loses nothing it counted and counts nothing twi
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from procgenie.atomic import write_atomic, write_json_atomic
+from procgenie.atomic import read_json_object, write_atomic, write_json_atomic
 from procgenie.errors import UserError
 
 FORMAT = "procgenie-dataset"
@@ -123,10 +122,7 @@ def read_manifest(root: str | Path) -> dict:
     if not path.exists():
         raise UserError(f"{root} is not a procgenie dataset (no manifest.json): collect one with "
                         f"`procgenie collect --out {root} --episodes 200`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged ({e.msg if hasattr(e, 'msg') else e}): recollect the dataset") from None
+    manifest = read_json_object(path, "recollect the dataset")
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a procgenie dataset manifest: collect one with `procgenie collect`")
     if manifest.get("version") != VERSION:
