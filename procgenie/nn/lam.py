@@ -42,12 +42,12 @@ class LAM(nn.Module):
         init_weights(self)
         nn.init.zeros_(self.to_pixels.weight)  # start as "next frame = this frame"
 
-    def _patches(self, frames_BTHWC):
-        return self.embed(patchify(to_float(frames_BTHWC) - 0.5, self.cfg.patch_size))  # (B, T, N, D)
+    def _pixels(self, frames_BTHWC):
+        return patchify(to_float(frames_BTHWC) - 0.5, self.cfg.patch_size)  # (B, T, N, P), centred
 
     def _infer(self, frames_BTHWC) -> Quantized:
         """Latent actions of the T-1 transitions: codes (B, T-1)."""
-        f = patchify(to_float(frames_BTHWC) - 0.5, self.cfg.patch_size)   # (B, T, N, P)
+        f = self._pixels(frames_BTHWC)
         if self.cfg.motion_input:
             prev = torch.cat([f[:, :1], f[:, :-1]], 1)                    # frame 0 counts as unchanged
             f = torch.cat([f, f - prev], -1)
@@ -60,7 +60,7 @@ class LAM(nn.Module):
 
     def _predict(self, frames_BTHWC, z_BTC) -> torch.Tensor:
         """Given frames x_1..x_t (B, T, ...) and action vectors a_1..a_t (B, T, C): x_2..x_{t+1} in [0, 1]."""
-        x = self._patches(frames_BTHWC)
+        x = self.embed(self._pixels(frames_BTHWC))
         a = self.from_code(z_BTC)[:, :, None]                              # (B, T, 1, D)
         x = torch.cat([a, x], 2) if self.token_cond else x + a
         h = self.decoder(x, tmask=window_mask(x.shape[1], self.cfg.seq_len, x.device))
