@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from procgenie.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one process per folder is then the user's care
+    fcntl = None
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -25,6 +33,28 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def exclusive(folder: str | os.PathLike, doing: str) -> Iterator[None]:
+    """Hold an advisory lock on `folder` (made if missing) while the block runs, or stop at once if another
+    process holds it. No lock file: the lock lives on the folder itself, and the system drops it when its
+    holder dies, so a killed run leaves nothing behind."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another process is {doing}: wait for it to finish, or stop it (a rerun resumes "
+                            "where it stopped)") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -80,7 +110,6 @@ def _fsync_dir(path: Path) -> None:
 
 def read_json_object(path: Path, fix: str) -> dict:
     """A JSON object from `path`, or a UserError that names the damage and `fix` (what to do about it)."""
-    from procgenie.errors import UserError
     try:
         obj = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

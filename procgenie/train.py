@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from procgenie import checkpoint as ckpt
 from procgenie import config as C
-from procgenie.atomic import remove_stale_tmp, write_bytes_atomic
+from procgenie.atomic import exclusive, remove_stale_tmp, write_bytes_atomic
 from procgenie.data.loader import ClipSampler, batches
 from procgenie.data.store import Dataset
 from procgenie.errors import UserError
@@ -333,23 +333,25 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
     model, links = build_for_training(stage, sc, ds, run_dir, device)
     stage_dir = run_dir / stage
     trained = check_resume(stage_dir, stage, ds, links)
-    if rank == 0 and trained < sc.train.steps:  # a finished stage keeps the config it was trained with
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_config(stage_dir, sc, {"preset": preset_name, "links": links,
-                                          "data": {"path": str(Path(data).resolve()), "env": ds.env,
-                                                   "image_size": ds.image_size}})
-    if world > 1:
-        dist.barrier()
-    sampler = ClipSampler(ds, "train", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed, rank=rank,
-                          world=world)
-    if rank == 0 and not quiet:
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{stage}: {n / 1e6:.2f}M parameters, preset {preset_name}, {sc.train.steps} steps of "
-              f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}"
-              + (f" x {world} ranks" if world > 1 else ""))
-    result = fit(model, sc, sampler, stage_dir, device, rank, world, quiet)
-    if stage == "lam" and rank == 0:  # which latent action each real action tends to be, for play
-        write_action_map(run_dir, model, sampler, device)
+    # One training process per stage folder (under torchrun rank 0 holds the lock for all ranks), taken
+    # before the first write.
+    with exclusive(stage_dir, f"training {stage_dir}") if rank == 0 else nullcontext():
+        if rank == 0 and trained < sc.train.steps:  # a finished stage keeps the config it was trained with
+            ckpt.write_config(stage_dir, sc, {"preset": preset_name, "links": links,
+                                              "data": {"path": str(Path(data).resolve()), "env": ds.env,
+                                                       "image_size": ds.image_size}})
+        if world > 1:
+            dist.barrier()
+        sampler = ClipSampler(ds, "train", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed, rank=rank,
+                              world=world)
+        if rank == 0 and not quiet:
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"{stage}: {n / 1e6:.2f}M parameters, preset {preset_name}, {sc.train.steps} steps of "
+                  f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}"
+                  + (f" x {world} ranks" if world > 1 else ""))
+        result = fit(model, sc, sampler, stage_dir, device, rank, world, quiet)
+        if stage == "lam" and rank == 0:  # which latent action each real action tends to be, for play
+            write_action_map(run_dir, model, sampler, device)
     if world > 1:
         dist.barrier()
     return result

@@ -248,3 +248,34 @@ def test_collect_killed_resumes_without_losing_or_doubling_episodes(tmp_path, ki
     on_disk = sorted(p.name for p in (out / "shards").iterdir())
     assert on_disk == sorted(f"{n}.{kind}" for n in names for kind in ("frames.npy", "steps.npz"))  # no orphans
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shards"]  # no stray temporary files
+
+
+HOLDER = r"""
+import sys, time
+from procgenie.atomic import exclusive
+with exclusive(sys.argv[1], "holding"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_process_cannot_train_or_collect_into_a_busy_folder_and_a_killed_holder_frees_it(
+        coinrun_data, tmp_path):
+    run, data = tmp_path / "run", tmp_path / "data"
+    train = ["train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny"]
+    collect = ["collect", "--out", str(data), "--episodes", "2"]
+    for folder, argv, doing in ((run / "tokenizer", train, f"training {run / 'tokenizer'}"),
+                                (data, collect, f"collecting into {data}")):
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            busy = run_cli(*argv, check=False)
+            assert busy.returncode == 2
+            assert f"another process is {doing}: wait for it" in busy.stderr, busy.stderr
+        finally:
+            holder.kill()  # SIGKILL: no clean-up runs, and the system drops the lock
+            holder.wait()
+        done = run_cli(*argv, check=False)
+        assert done.returncode == 0, done.stderr
+    assert (run / "tokenizer" / "model.safetensors").exists()
+    assert json.loads((data / "manifest.json").read_text())["shards"]

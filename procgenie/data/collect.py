@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from procgenie.atomic import remove_stale_tmp
+from procgenie.atomic import exclusive, remove_stale_tmp
 from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
 from procgenie.errors import UserError
@@ -146,70 +146,71 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file: give a folder for the dataset")
-    identity = dict(env=env, policy=policy, start_level=start_level, num_levels=num_levels, max_steps=max_steps,
-                    seed=seed, distribution_mode=distribution_mode)
-    if (root / "manifest.json").exists():
-        manifest = store.read_manifest(root)
-        old = {k: manifest["collect"].get(k) for k in IDENTITY}
-        if old != identity:
-            diff = ", ".join(f"{k} {old[k]!r} (now {identity[k]!r})" for k in IDENTITY if old[k] != identity[k])
-            raise UserError(f"{root} holds a dataset collected with other settings: {diff}; "
-                            "rerun with the same settings to continue it, or choose another --out")
-    else:
-        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-            raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
-        manifest = {"format": store.FORMAT, "version": store.VERSION, "env": env, "image_size": 64,
-                    "num_actions": 15, "split_rule": store.SPLIT_RULE, "collect": identity, "sessions": 0,
-                    "shards": []}
-    (root / "shards").mkdir(parents=True, exist_ok=True)
-    store.remove_orphans(root, manifest)
-    remove_stale_tmp(root)  # a manifest write that a kill cut short
-    have = sum(s["episodes"] for s in manifest["shards"])
-    todo = episodes - have
-    if todo <= 0:
-        if not quiet:
-            print(f"{root} already holds {have} episodes (asked for {episodes}): nothing to collect")
-        return {"episodes": 0, "frames": 0, "seconds": 0.0, "frames_per_s": 0.0}
-    session = manifest["sessions"]
-    manifest["sessions"] = session + 1
-    manifest["collect"]["episodes"] = episodes
-    store.write_manifest(root, manifest)
-
-    args = dict(identity, out=str(root), envs=envs, shard_frames=shard_frames)
-    quotas = [todo // workers + (w < todo % workers) for w in range(workers)]
-    bar = tqdm(total=episodes, initial=have, unit="ep", desc=f"collect {env}/{policy}", disable=quiet,
-               dynamic_ncols=True)
-    frames, start = 0, time.perf_counter()
-    started = []  # when each worker finished starting Procgen (a one-off ~1.5 s per process)
-
-    def on_message(msg) -> None:
-        nonlocal frames
-        kind, payload = msg
-        if kind == "started":
-            started.append(time.perf_counter())
-        elif kind == "episode":
-            frames += payload
-            bar.update(1)
-            bar.set_postfix(fps=f"{frames / (time.perf_counter() - min(started)):,.0f}", refresh=False)
-        elif kind == "shard":
-            manifest["shards"].append(payload)
-            store.write_manifest(root, manifest)
-
-    try:
-        if workers == 1:
-            _worker(args, 0, session, quotas[0], on_message)
+    with exclusive(root, f"collecting into {root}"):
+        identity = dict(env=env, policy=policy, start_level=start_level, num_levels=num_levels, max_steps=max_steps,
+                        seed=seed, distribution_mode=distribution_mode)
+        if (root / "manifest.json").exists():
+            manifest = store.read_manifest(root)
+            old = {k: manifest["collect"].get(k) for k in IDENTITY}
+            if old != identity:
+                diff = ", ".join(f"{k} {old[k]!r} (now {identity[k]!r})" for k in IDENTITY if old[k] != identity[k])
+                raise UserError(f"{root} holds a dataset collected with other settings: {diff}; "
+                                "rerun with the same settings to continue it, or choose another --out")
         else:
-            _run_processes(args, session, quotas, on_message)
-    finally:
-        bar.close()
-    end = time.perf_counter()
-    seconds, startup = end - start, (max(started) if started else end) - start
-    result = {"episodes": todo, "frames": frames, "seconds": seconds, "startup_s": startup,
-              "frames_per_s": frames / max(end - min(started, default=start), 1e-9)}
-    if not quiet:
-        print(f"collected {todo} episodes, {frames:,} frames in {seconds:.1f} s ({startup:.1f} s starting Procgen, "
-              f"then {result['frames_per_s']:,.0f} frames/s) -> {root}")
-    return result
+            if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+                raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
+            manifest = {"format": store.FORMAT, "version": store.VERSION, "env": env, "image_size": 64,
+                        "num_actions": 15, "split_rule": store.SPLIT_RULE, "collect": identity, "sessions": 0,
+                        "shards": []}
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        store.remove_orphans(root, manifest)
+        remove_stale_tmp(root)  # a manifest write that a kill cut short
+        have = sum(s["episodes"] for s in manifest["shards"])
+        todo = episodes - have
+        if todo <= 0:
+            if not quiet:
+                print(f"{root} already holds {have} episodes (asked for {episodes}): nothing to collect")
+            return {"episodes": 0, "frames": 0, "seconds": 0.0, "frames_per_s": 0.0}
+        session = manifest["sessions"]
+        manifest["sessions"] = session + 1
+        manifest["collect"]["episodes"] = episodes
+        store.write_manifest(root, manifest)
+
+        args = dict(identity, out=str(root), envs=envs, shard_frames=shard_frames)
+        quotas = [todo // workers + (w < todo % workers) for w in range(workers)]
+        bar = tqdm(total=episodes, initial=have, unit="ep", desc=f"collect {env}/{policy}", disable=quiet,
+                   dynamic_ncols=True)
+        frames, start = 0, time.perf_counter()
+        started = []  # when each worker finished starting Procgen (a one-off ~1.5 s per process)
+
+        def on_message(msg) -> None:
+            nonlocal frames
+            kind, payload = msg
+            if kind == "started":
+                started.append(time.perf_counter())
+            elif kind == "episode":
+                frames += payload
+                bar.update(1)
+                bar.set_postfix(fps=f"{frames / (time.perf_counter() - min(started)):,.0f}", refresh=False)
+            elif kind == "shard":
+                manifest["shards"].append(payload)
+                store.write_manifest(root, manifest)
+
+        try:
+            if workers == 1:
+                _worker(args, 0, session, quotas[0], on_message)
+            else:
+                _run_processes(args, session, quotas, on_message)
+        finally:
+            bar.close()
+        end = time.perf_counter()
+        seconds, startup = end - start, (max(started) if started else end) - start
+        result = {"episodes": todo, "frames": frames, "seconds": seconds, "startup_s": startup,
+                  "frames_per_s": frames / max(end - min(started, default=start), 1e-9)}
+        if not quiet:
+            print(f"collected {todo} episodes, {frames:,} frames in {seconds:.1f} s ({startup:.1f} s starting Procgen, "
+                  f"then {result['frames_per_s']:,.0f} frames/s) -> {root}")
+        return result
 
 
 def _run_processes(args: dict, session: int, quotas: list[int], on_message) -> None:
