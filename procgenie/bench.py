@@ -133,11 +133,11 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
 
 # -- play ----------------------------------------------------------------------------------------
 
-def load_world(checkpoint: str | None, device):
+def load_world(checkpoint: str | None, device, bf16: bool | None = None):
     """The world model to time play on, or (None, why) when there is none to time."""
     from procgenie.world import WorldModel
     try:
-        return WorldModel.from_pretrained(checkpoint, device=device), None
+        return WorldModel.from_pretrained(checkpoint, device=device, bf16=bf16), None
     except UserError as e:
         if checkpoint is not None:
             raise
@@ -172,21 +172,29 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
 # -- the command ---------------------------------------------------------------------------------
 
 def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: float = 10.0,
-          maskgit_steps: int | None = None, preset: str = "cpu") -> dict:
-    """Measure, print a table, and write SPEC's JSON (plus extra keys) to `json_path` if given."""
+          maskgit_steps: int | None = None, preset: str = "cpu", precision: str | None = None) -> dict:
+    """Measure, print a table, and write SPEC's JSON (plus extra keys) to `json_path` if given.
+
+    `precision` ('bf16' or 'fp32', default: the preset's) applies to training, the matmul peak and play alike.
+    """
     if not seconds > 0:
         raise UserError(f"--seconds must be positive, got {seconds}")
     if maskgit_steps is not None and maskgit_steps < 1:
         raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
+    if precision not in (None, "bf16", "fp32"):
+        raise UserError(f"--precision must be bf16 or fp32, not {precision!r}")
     stages = C.preset(preset)
+    if precision is not None:
+        for sc in stages.values():
+            sc.train.bf16 = precision == "bf16"
+    bf16 = stages["dynamics"].train.bf16
     device = pick_device()
     if device.type == "cpu":
         set_cpu_threads()
     speed_settings(device, deterministic=False)
-    wm, play_note = load_world(checkpoint, device)  # first: a wrong --checkpoint fails before the long part
+    wm, play_note = load_world(checkpoint, device, None if precision is None else bf16)  # first: a wrong --checkpoint fails before the long part
     # Other work on the machine slows every figure, CPU threads that wait for each other most of all.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    bf16 = stages["dynamics"].train.bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     _say(f"timing a large {'bf16' if bf16 else 'fp32'} matmul on {device_name(device)} for {seconds:g} s ...")

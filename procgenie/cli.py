@@ -74,7 +74,8 @@ def _dream(a) -> None:
 
 def _bench(a) -> None:
     from procgenie.bench import bench
-    bench(a.checkpoint, json_path=a.json, seconds=a.seconds, maskgit_steps=a.maskgit_steps, preset=a.preset)
+    bench(a.checkpoint, json_path=a.json, seconds=a.seconds, maskgit_steps=a.maskgit_steps, preset=a.preset,
+          precision=a.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
     b.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (default 10)")
     b.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps for play (default: play's)")
+    b.add_argument("--precision", default=None, choices=("bf16", "fp32"),
+                   help="bf16 autocast or plain fp32 for training, the matmul peak and play (default: the preset's)")
     b.set_defaults(fn=_bench)
     return p
 

@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from procgenie import bench as B
 from procgenie import checkpoint
 from procgenie.bench import load_world, table
+from procgenie.errors import UserError
 
 
 def _positive(x) -> bool:
@@ -45,3 +48,22 @@ def test_without_a_model_play_is_reported_as_not_measured(tmp_path, monkeypatch)
                                                      "seq_len": 4, "flops_per_step": 1e6, "flops_per_s": 1e9}},
          "train_peak_share": {"dynamics": 1.0}, "play_fps": None, "play_note": note}
     assert note in table(r)
+
+
+def test_fp32_precision_times_every_part_without_bf16(tiny_run, monkeypatch):
+    seen = {}
+    real_load = B.load_world
+
+    def load(checkpoint, device, bf16=None):
+        seen["play_bf16"] = bf16
+        return real_load(checkpoint, device, bf16)
+
+    monkeypatch.setattr(B, "load_world", load)
+    r = B.bench(str(tiny_run), seconds=0.2, preset="tiny", precision="fp32")
+    assert r["precision"] == "fp32" and seen["play_bf16"] is False
+    assert all(_positive(v) for v in r["train_frames_per_s"].values())
+
+
+def test_unknown_precision_is_a_user_error():
+    with pytest.raises(UserError, match="--precision must be bf16 or fp32"):
+        B.bench(precision="fp16")
