@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from procgenie import config as C
 from procgenie.nn.dynamics import Dynamics
@@ -121,6 +122,27 @@ def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps):
     assert torch.equal(out[:, None][rounds[-1] != dyn.mask_id], rounds[-1][rounds[-1] != dyn.mask_id])
     assert torch.equal(run(0), out)
     assert not torch.equal(run(1), out)
+
+
+def test_generation_predicts_what_the_teacher_forced_training_pass_predicts():
+    """Each generated frame, whose predecessor joins the cache in the same pass, matches the training pass."""
+    torch.manual_seed(0)
+    cfg = tiny("dynamics")
+    cfg.depth, cfg.seq_len, cfg.temperature = 2, 5, 0.0
+    dyn = Dynamics(cfg, vocab=50, positions=6, codes_per_position=2, num_actions=4).eval()
+    C, T = 2, cfg.seq_len
+    acts = torch.randint(0, 4, (1, T - 1))                              # a_t leads to frame t+1
+    frames = [torch.randint(0, 50, (1, C, 6, 2))]
+    state = dyn.start(frames[0], F.pad(acts[:, :C - 1], (1, 0), value=dyn.A))
+    for t in range(C, T):  # one round from a fully masked frame, argmax: the training pass's prediction
+        frames.append(dyn.step(state, acts[:, t - 1], steps=1)[:, None])
+    codes = torch.cat(frames, 1)                                        # (1, T, N, G)
+    mask = torch.ones(1, T - 1, 6, 2, dtype=torch.bool)
+    with torch.no_grad():
+        expected = dyn.teacher_forced_logits(codes, acts, mask).argmax(-1)[:, C - 1:]
+    assert torch.equal(codes[:, C:], expected)
+    dyn.step(state, acts[:, 0], steps=1)             # past the window, the clean past stays seq_len - 1 frames
+    assert [c.k.shape[2] for c in state["caches"]] == [T - 1, T - 1]
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "lam", "dynamics"])

@@ -69,6 +69,12 @@ class KVCache:
     pos: torch.Tensor | None = None  # (S,) int
     max_len: int = 16
 
+    def keep_last(self, n: int) -> None:
+        """Forget all but the last n cached frames."""
+        if self.k is not None:
+            start = max(0, self.k.shape[2] - n)
+            self.k, self.v, self.pos = self.k[:, :, start:], self.v[:, :, start:], self.pos[start:]
+
     def extend(self, k, v, pos) -> None:
         if self.k is None:
             self.k, self.v, self.pos = k, v, pos
@@ -101,7 +107,8 @@ class Attention(nn.Module):
         else:
             y = attend(q, k, v, mask=mask, causal=causal)
         if cache is not None and commit:
-            cache.extend(k, v, pos)
+            n = k.shape[2] if commit is True else commit
+            cache.extend(k[:, :, :n], v[:, :, :n], pos[:n])
         return self.proj(rearrange(y, "b h l k -> b l (h k)"))
 
 
@@ -135,7 +142,8 @@ class STTransformer(nn.Module):
 
     forward(x (B, T, N, D)) -> (B, T, N, D). `tmask` (T, T) bool replaces the causal temporal mask
     (True = may attend). With `caches`, x holds new frames at temporal positions `pos` that attend
-    the cached past; `commit` appends their keys and values to the caches.
+    the cached past; `commit` appends their keys and values to the caches (True: every new frame's; an
+    int n: the first n frames', the rest only attend).
     """
 
     def __init__(self, dim: int, depth: int, heads: int, tokens: int, act_ckpt: bool = False):
