@@ -28,7 +28,7 @@ MAX_SESSIONS = 4            # connections at once; more are told the server is f
 MAX_WS_FRAME = 1 << 20      # websocket frames past this close that connection (code 1009), as the protocol says
 MAX_RECORD = 600            # frames in one recording (40 s at 15 fps); then it stops and is sent
 RECORD_SCALE = 3            # nearest-neighbour upscale of recorded GIFs (x4 makes them twice as big)
-PLAY_MASKGIT_STEPS = 2      # default MaskGIT steps per frame: 8 -> 2 cost the bundled model 0.1 to 0.2 dB (docs/bundled.md)
+PLAY_MASKGIT_STEPS = 2      # at most this many MaskGIT steps per frame (the bundled model's own setting)
 KIND_FRAME, KIND_GIF = 1, 2
 CONTROLS = ("arrows / WASD move, up / W / space jump (held keys combine), 1..{k} take latent action k-1 directly, "
             "R new level, P pause, E one step while paused, G record a GIF (again: stop and save)")
