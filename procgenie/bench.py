@@ -192,7 +192,8 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
     if device.type == "cpu":
         set_cpu_threads()
     speed_settings(device, deterministic=False)
-    wm, play_note = load_world(checkpoint, device, None if precision is None else bf16)  # first: a wrong --checkpoint fails before the long part
+    # First: a wrong --checkpoint fails before the long part.
+    wm, play_note = load_world(checkpoint, device, None if precision is None else bf16)
     # Other work on the machine slows every figure, CPU threads that wait for each other most of all.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     dtype = torch.bfloat16 if bf16 else torch.float32

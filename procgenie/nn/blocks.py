@@ -81,7 +81,7 @@ class KVCache:
         else:
             self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
             self.pos = torch.cat([self.pos, pos])
-        self.k, self.v, self.pos = self.k[:, :, -self.max_len:], self.v[:, :, -self.max_len:], self.pos[-self.max_len:]
+        self.keep_last(self.max_len)
 
 
 class Attention(nn.Module):
