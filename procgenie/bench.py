@@ -7,7 +7,8 @@
   dynamics` does each step too: encoding the frames with the frozen tokenizer and LAM (fresh ones
   here, built from the same preset).
 - matmul_peak_share: a stage's achieved FLOP/s (its step's FLOPs, counted by torch's FlopCounterMode
-  on one step: matmuls, convolutions, attention, forward and backward, frozen encoders included)
+  on one step: matmuls, convolutions, attention, forward and backward, frozen encoders included; not
+  the forward that activation checkpointing recomputes)
   over the FLOP/s of a large square matrix product timed in the same run, in the same precision.
   The SPEC's top-level figure is the dynamics stage's; every stage's share is reported too.
 - Play: frames/s and per-frame latency of `world.Session.step` (batch 1, one frame per call, MaskGIT
@@ -109,7 +110,6 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
     size = stages["tokenizer"].model.image_size
     torch.manual_seed(0)
     model = _models(stage, stages, device).train()
-    set_act_ckpt(model, t.act_ckpt)
     opt = make_optimizer(model, t, device)
     B, T = t.batch_size, sc.model.seq_len
     gen = torch.Generator().manual_seed(0)
@@ -117,9 +117,13 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
              "actions": torch.randint(0, 15, (B, T - 1), generator=gen)}                                # (B, T-1)
     if device.type == "cuda":  # as the training loader hands them over
         batch = {k: v.pin_memory() for k, v in batch.items()}
-    with FlopCounterMode(display=False) as counter:  # this step also warms up the kernels
-        train_step(model, model, opt, batch, t, device)
-    flops = counter.get_total_flops()
+    # The model's FLOPs, counted on one clip per micro-batch and scaled (they grow linearly with the batch),
+    # without activation checkpointing (its recomputed forward is extra work, not the model's).
+    few = {k: v[:t.grad_accum] for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, model, opt, few, t, device)
+    flops = counter.get_total_flops() * B // t.grad_accum
+    set_act_ckpt(model, t.act_ckpt)
     net = model
     if t.compile:
         _say(f"compiling the {stage} model (minutes on a CPU) ...")
@@ -172,10 +176,12 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
 # -- the command ---------------------------------------------------------------------------------
 
 def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: float = 10.0,
-          maskgit_steps: int | None = None, preset: str = "cpu", precision: str | None = None) -> dict:
+          maskgit_steps: int | None = None, preset: str = "cpu", precision: str | None = None,
+          overrides: list[str] | None = None) -> dict:
     """Measure, print a table, and write SPEC's JSON (plus extra keys) to `json_path` if given.
 
     `precision` ('bf16' or 'fp32', default: the preset's) applies to training, the matmul peak and play alike.
+    `overrides` are `train --set` items (e.g. `compile=true`, `dynamics.act_ckpt=false`) for the timed training.
     """
     if not seconds > 0:
         raise UserError(f"--seconds must be positive, got {seconds}")
@@ -184,6 +190,7 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
     if precision not in (None, "bf16", "fp32"):
         raise UserError(f"--precision must be bf16 or fp32, not {precision!r}")
     stages = C.preset(preset)
+    C.apply_overrides(stages, overrides or [], C.STAGES)
     if precision is not None:
         for sc in stages.values():
             sc.train.bf16 = precision == "bf16"
@@ -217,7 +224,8 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
         "matmul_peak_share": train["dynamics"]["flops_per_s"] / peak,
         **{k: play[k] for k in ("play_fps", "play_latency_ms_p50", "play_latency_ms_p95")},
         # Beyond the SPEC's schema: what the figures above were measured with, and per-stage detail.
-        "preset": preset, "precision": "bf16" if bf16 else "fp32", "seconds": seconds,
+        "preset": preset, "overrides": list(overrides or []), "precision": "bf16" if bf16 else "fp32",
+        "seconds": seconds,
         "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_average_at_start": load,
         "torch": torch.__version__, "matmul_flops_per_s": peak, "matmul_size": n,
         "train_peak_share": {s: train[s]["flops_per_s"] / peak for s in C.STAGES},
@@ -236,7 +244,8 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
 
 def table(r: dict) -> str:
     """The results as a few readable lines."""
-    lines = [f"device     {r['device']}  (torch {r['torch']}, {r['precision']}, {r['preset']} preset)",
+    sets = "".join(f", {o}" for o in r.get("overrides", []))
+    lines = [f"device     {r['device']}  (torch {r['torch']}, {r['precision']}, {r['preset']} preset{sets})",
              f"matmul     {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s ({r['matmul_size']}^2 {r['precision']} product)",
              *([f"note       the machine was busy (load average {r['load_average_at_start']:.1f} on {r['cores']} "
                 "cores): expect lower figures than on an idle one"]

@@ -75,7 +75,7 @@ def _dream(a) -> None:
 def _bench(a) -> None:
     from procgenie.bench import bench
     bench(a.checkpoint, json_path=a.json, seconds=a.seconds, maskgit_steps=a.maskgit_steps, preset=a.preset,
-          precision=a.precision)
+          precision=a.precision, overrides=a.set)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.set_defaults(fn=_dream)
 
     b = sub.add_parser("bench", help="measure training and play speed",
-                       description="Training frames/s per stage, matmul peak share, play fps and latency.")
+                       description="Training frames/s per stage, matmul peak share, play fps and latency.",
+                       epilog="--set takes the keys that `procgenie train --help` lists, e.g. --set compile=true "
+                              "or --set dynamics.act_ckpt=false; they change the timed training only.")
     b.add_argument("--checkpoint", default=None, help="run folder for play timings (default: the bundled model)")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
@@ -171,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps for play (default: play's)")
     b.add_argument("--precision", default=None, choices=("bf16", "fp32"),
                    help="bf16 autocast or plain fp32 for training, the matmul peak and play (default: the preset's)")
+    b.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override the preset's config fields for the timed training (as `train --set`)")
     b.set_defaults(fn=_bench)
     return p
 

@@ -67,3 +67,26 @@ def test_fp32_precision_times_every_part_without_bf16(tiny_run, monkeypatch):
 def test_unknown_precision_is_a_user_error():
     with pytest.raises(UserError, match="--precision must be bf16 or fp32"):
         B.bench(precision="fp16")
+
+
+def test_set_overrides_change_the_timed_training_and_are_recorded(tiny_run):
+    r = B.bench(str(tiny_run), seconds=0.2, preset="tiny", overrides=["batch_size=2", "dynamics.seq_len=3"])
+    assert r["overrides"] == ["batch_size=2", "dynamics.seq_len=3"]
+    assert {s: v["batch_size"] for s, v in r["train"].items()} == {"tokenizer": 2, "lam": 2, "dynamics": 2}
+    assert r["train"]["dynamics"]["seq_len"] == 3 and r["train"]["lam"]["seq_len"] == 4
+    assert "batch_size=2" in table(r)
+    with pytest.raises(UserError, match="unknown --set key 'widht'"):
+        B.bench(seconds=0.2, preset="tiny", overrides=["widht=8"])
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "dynamics"])
+def test_flops_are_the_models_whatever_the_batch_and_without_checkpoint_recompute(stage):
+    """The FLOP count is taken on a slice and scaled, and activation checkpointing's second forward is not in it."""
+    from procgenie import config as C
+    counts = {}
+    for batch, ckpt in ((2, False), (4, False), (4, True)):
+        stages = C.preset("tiny")
+        C.apply_overrides(stages, [f"batch_size={batch}", f"act_ckpt={ckpt}"], C.STAGES)
+        counts[batch, ckpt] = B.time_training(stage, stages, torch.device("cpu"), 0.01)["flops_per_step"]
+    assert counts[4, False] == 2 * counts[2, False] > 0
+    assert counts[4, True] == counts[4, False]
