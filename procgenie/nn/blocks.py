@@ -37,9 +37,19 @@ def rotary(pos: torch.Tensor, dim: int, base: float = 10_000.0) -> tuple[torch.T
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x (..., L, K) by position; cos, sin are (L, K/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    """Rotate pairs of channels of x (..., L, K) by position; cos, sin are (L, K/2).
+
+    On a GPU in x's own dtype (bf16 under autocast): there these element-wise passes over q and k are
+    memory-bound, and in float32 they moved three times the bytes. On a CPU in float32, as the bundled
+    model was trained (bf16 was no faster there).
+    """
+    dtype = x.dtype
+    if x.is_cuda:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    else:
+        x = x.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(dtype)
 
 
 def attend(q, k, v, mask=None, causal=False):

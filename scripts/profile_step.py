@@ -1,0 +1,49 @@
+"""Profile one stage's training step: ms per step, peak GPU memory, the top operations by time.
+
+Usage: python scripts/profile_step.py PRESET STAGE [KEY=VALUE ...]   (KEY=VALUE as `train --set`)
+"""
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from procgenie import config as C
+from procgenie.bench import _models, _sync
+from procgenie.models import pick_device
+from procgenie.train import make_optimizer, set_act_ckpt, speed_settings, train_step
+
+preset, stage = sys.argv[1], sys.argv[2]
+stages = C.preset(preset)
+C.apply_overrides(stages, sys.argv[3:], C.STAGES)
+dev = pick_device()
+speed_settings(dev, deterministic=False)
+t, T = stages[stage].train, stages[stage].model.seq_len
+model = _models(stage, stages, dev).train()
+set_act_ckpt(model, t.act_ckpt)
+opt = make_optimizer(model, t, dev)
+B = t.batch_size
+size = stages["tokenizer"].model.image_size
+batch = {"frames": torch.randint(0, 256, (B, T, size, size, 3), dtype=torch.uint8),
+         "actions": torch.randint(0, 15, (B, T - 1))}
+for _ in range(2):
+    train_step(model, model, opt, batch, t, dev)
+_sync(dev)
+t0 = time.perf_counter()
+for _ in range(3):
+    train_step(model, model, opt, batch, t, dev)
+_sync(dev)
+print(f"{preset} {stage} {sys.argv[3:]}: {1000 * (time.perf_counter() - t0) / 3:.1f} ms/step")
+if dev.type == "cuda":
+    print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+with profile(activities=acts) as prof:
+    for _ in range(2):
+        train_step(model, model, opt, batch, t, dev)
+    _sync(dev)
+for key in (["self_device_time_total", "self_cuda_time_total"] if dev.type == "cuda" else ["self_cpu_time_total"]):
+    try:
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+        break
+    except Exception as e:  # the sort key's name differs between torch versions
+        print(f"sort by {key}: {e}")
