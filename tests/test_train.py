@@ -1,6 +1,8 @@
 """The training loop and the train command: end to end, resume, and refusing to mix settings."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,3 +81,27 @@ def test_resume_continues_exactly_where_an_unbroken_run_would_be(coinrun_data, t
     resumed = _train(coinrun_data, tmp_path / "b")                   # same call again: resumes
     for (k, v), w in zip(unbroken.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_on_a_cpu_freed_large_blocks_are_reused_without_page_faults():
+    """A 64 MB tensor made, freed and made again: page-faulted anew each time by default, not after the setting."""
+    code = """
+import resource, sys, torch
+from procgenie.train import keep_freed_memory
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        torch.ones(16 << 20)                                   # 64 MB of float32, written and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+default = faults()
+took = keep_freed_memory()
+faults()
+print(default, faults(), took)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    default, kept, took = out.split()
+    assert took == "True"
+    assert int(default) > 3 * 10_000                        # 16,384 pages of 4 KB per tensor
+    assert int(kept) < 1_000
