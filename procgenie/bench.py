@@ -104,8 +104,9 @@ def _models(stage: str, stages: dict[str, C.StageConfig], device) -> torch.nn.Mo
     return model
 
 
-def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds: float) -> dict:
-    """Frames/s, FLOPs per step and FLOP/s of `stage`'s training step at its preset's batch."""
+def training_setup(stage: str, stages: dict[str, C.StageConfig], device) -> tuple:
+    """(model, optimizer, batch) for timing `stage`'s training step: a fresh model (activation checkpointing
+    off) and synthetic uint8 frames at its preset's batch."""
     sc, t = stages[stage], stages[stage].train
     size = stages["tokenizer"].model.image_size
     torch.manual_seed(0)
@@ -117,6 +118,14 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
              "actions": torch.randint(0, 15, (B, T - 1), generator=gen)}                                # (B, T-1)
     if device.type == "cuda":  # as the training loader hands them over
         batch = {k: v.pin_memory() for k, v in batch.items()}
+    return model, opt, batch
+
+
+def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds: float) -> dict:
+    """Frames/s, FLOPs per step and FLOP/s of `stage`'s training step at its preset's batch."""
+    t = stages[stage].train
+    model, opt, batch = training_setup(stage, stages, device)
+    B, T = batch["frames"].shape[:2]
     # The model's FLOPs, counted on one clip per micro-batch and scaled (they grow linearly with the batch),
     # without activation checkpointing (its recomputed forward is extra work, not the model's).
     few = {k: v[:t.grad_accum] for k, v in batch.items()}

@@ -9,23 +9,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from procgenie import config as C
-from procgenie.bench import _models, _sync
+from procgenie.bench import _sync, training_setup
 from procgenie.models import pick_device
-from procgenie.train import make_optimizer, set_act_ckpt, speed_settings, train_step
+from procgenie.train import set_act_ckpt, speed_settings, train_step
 
 preset, stage = sys.argv[1], sys.argv[2]
 stages = C.preset(preset)
 C.apply_overrides(stages, sys.argv[3:], C.STAGES)
 dev = pick_device()
 speed_settings(dev, deterministic=False)
-t, T = stages[stage].train, stages[stage].model.seq_len
-model = _models(stage, stages, dev).train()
+t = stages[stage].train
+model, opt, batch = training_setup(stage, stages, dev)
 set_act_ckpt(model, t.act_ckpt)
-opt = make_optimizer(model, t, dev)
-B = t.batch_size
-size = stages["tokenizer"].model.image_size
-batch = {"frames": torch.randint(0, 256, (B, T, size, size, 3), dtype=torch.uint8),
-         "actions": torch.randint(0, 15, (B, T - 1))}
 for _ in range(2):
     train_step(model, model, opt, batch, t, dev)
 _sync(dev)
