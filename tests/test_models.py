@@ -166,3 +166,17 @@ def test_overfitting_one_batch_drives_the_loss_down(stage):
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.5 * first
+
+
+def test_dynamics_loss_for_torch_compile_equals_the_indexed_loss(monkeypatch):
+    """Under torch.compile the loss weights every code by the mask instead of indexing the masked ones (fixed
+    shapes keep the graph whole): same cross-entropy and accuracy, and metrics stay tensors (no GPU sync)."""
+    model = make_dynamics().train()
+    batch = {"codes": torch.randint(0, 50, (3, 4, 6, 2)), "latent_actions": torch.randint(0, 4, (3, 3))}
+    torch.manual_seed(5)
+    ce, m = model.loss(batch)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(5)
+    ce_fixed, m_fixed = model.loss(batch)
+    assert torch.allclose(ce, ce_fixed, rtol=1e-5) and torch.allclose(m["acc"], m_fixed["acc"])
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())

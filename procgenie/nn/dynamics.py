@@ -87,12 +87,19 @@ class Dynamics(nn.Module):
         B, T = codes.shape[:2]
         rate = torch.empty(B, T - 1, 1, 1, device=codes.device).uniform_(self.cfg.mask_min, self.cfg.mask_max)
         mask = torch.rand(B, T - 1, self.N, self.G, device=codes.device) < rate
-        # Only the masked codes' logits (M, V) go to float32: a float copy of all of them cost 5 to 10% of the step.
-        logits = self.teacher_forced_logits(codes, actions, mask)[mask].float()
-        target = codes[:, 1:][mask]                                        # (M,)
-        ce = F.cross_entropy(logits, target)
-        acc = (logits.argmax(-1) == target).float().mean()
-        return ce, {"ce": ce.item(), "acc": acc.item()}
+        logits, target = self.teacher_forced_logits(codes, actions, mask), codes[:, 1:]
+        if torch.compiler.is_compiling():
+            # Fixed shapes keep the compiled graph whole (indexing by the mask breaks it and waits for the GPU);
+            # the compiler fuses the float32 upcast into the loss.
+            w = mask.flatten().float()
+            ce = (F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="none") * w).sum() / w.sum()
+            acc = ((logits.argmax(-1) == target).flatten().float() * w).sum() / w.sum()
+        else:
+            # Only the masked codes' logits (M, V) go to float32: a float copy of all of them cost 5 to 10% of the step.
+            logits, target = logits[mask].float(), target[mask]             # (M, V), (M,)
+            ce = F.cross_entropy(logits, target)
+            acc = (logits.argmax(-1) == target).float().mean()
+        return ce, {"ce": ce.detach(), "acc": acc.detach()}  # tensors: the training loop reads them
 
     def teacher_forced_logits(self, codes_BTNG, actions_BT, mask_BTNG) -> torch.Tensor:
         """Logits (B, T-1, N, G, V) for frames 2..T, each from the clean frames before it and its own

@@ -80,7 +80,7 @@ class LAM(nn.Module):
         pred = self._predict(frames[:, :-1], q.z)
         target = to_float(frames[:, 1:])
         mse = F.mse_loss(pred.float(), target)
-        return mse + q.loss, {"mse": mse.item(), "psnr": psnr(pred.detach().clamp(0, 1), target).item(),
+        return mse + q.loss, {"mse": mse.detach(), "psnr": psnr(pred.detach().clamp(0, 1), target),
                               **usage(q.codes, self.cfg.num_actions)}
 
     @torch.no_grad()

@@ -28,13 +28,16 @@ class Quantized:
     loss: torch.Tensor     # scalar auxiliary loss (0 for FSQ)
 
 
-def usage(codes: torch.Tensor, size: int) -> dict[str, float]:
-    """Codes used and perplexity (exp of the entropy of the code histogram)."""
+def usage(codes: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+    """Codes used and perplexity (exp of the entropy of the code histogram), as 0-d tensors.
+
+    Fixed shapes and no reads back to Python, so that a compiled training step stays one graph."""
     codes = codes.flatten()
-    hist = torch.bincount(codes[(codes >= 0) & (codes < size)], minlength=size).float()  # NaN inputs give junk codes
+    valid = (codes >= 0) & (codes < size)                                # NaN inputs give junk codes
+    hist = torch.zeros(size, device=codes.device).index_add_(0, codes.clamp(0, size - 1), valid.float())
     p = hist / hist.sum().clamp(min=1)
     entropy = -(p * p.clamp(min=1e-12).log()).sum()
-    return {"codes_used": int((hist > 0).sum()), "perplexity": float(entropy.exp())}
+    return {"codes_used": (hist > 0).sum(), "perplexity": entropy.exp()}
 
 
 class FSQ(nn.Module):

@@ -109,7 +109,7 @@ class Tokenizer(nn.Module):
         recon = self._decode(q.z)
         target = to_float(frames)
         mse = F.mse_loss(recon.float(), target)
-        metrics = {"mse": mse.item(), "psnr": psnr(recon.detach().clamp(0, 1), target).item(),
+        metrics = {"mse": mse.detach(), "psnr": psnr(recon.detach().clamp(0, 1), target),
                    **usage(q.codes, self.vocab)}
         return mse + q.loss, metrics
 
