@@ -71,8 +71,6 @@ class DynamicsConfig:
     depth: int = _f(4, "ST-transformer blocks")
     heads: int = _f(4, "attention heads")
     action_cond: str = _f("token", "how a_t enters: 'token' (own token per frame) or 'add' (added to every token)")
-    streams: int = _f(2, "training streams: 2 (a clean past beside each masked frame, as generation sees it) "
-                         "or 1 (Genie's: one clip, frames 2..T masked, half the work a step)")
     mask_min: float = _f(0.5, "lowest training mask rate")
     mask_max: float = _f(1.0, "highest training mask rate")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
@@ -266,8 +264,6 @@ def validate(sc: StageConfig) -> None:
         raise UserError(f"{sc.stage}: continuous_frac must lie in [0, 1), got {m.continuous_frac}")
     if getattr(m, "action_cond", "token") not in ("token", "add"):
         raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
-    if getattr(m, "streams", 2) not in (1, 2):
-        raise UserError(f"{sc.stage}: streams must be 1 or 2, not {m.streams}")
     if m.seq_len < 2 and sc.stage != "tokenizer":
         raise UserError(f"{sc.stage}: seq_len must be at least 2")
     if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:

@@ -67,52 +67,30 @@ def make_dynamics(steps=4):
     return Dynamics(cfg, vocab=50, positions=6, codes_per_position=2, num_actions=4).eval()
 
 
-# Both training paths: two streams (the default) and one stream (dynamics.streams=1).
-LOGITS = ["teacher_forced_logits", "one_stream_logits"]
-
-
-@pytest.mark.parametrize("path", LOGITS)
-def test_dynamics_action_t_conditions_frame_t_plus_1_only(path):
+def test_dynamics_action_t_conditions_frame_t_plus_1_only():
     dyn = make_dynamics()
-    logits = getattr(dyn, path)
     codes = torch.randint(0, 50, (1, 4, 6, 2))
     mask = torch.ones(1, 3, 6, 2, dtype=torch.bool)
     acts = torch.zeros(1, 3, dtype=torch.long)
-    base = logits(codes, acts, mask)                          # logits of frames 1..3
+    base = dyn.teacher_forced_logits(codes, acts, mask)      # logits of frames 1..3
     for t in range(3):
         changed = acts.clone()
         changed[:, t] = 2
-        out = logits(codes, changed, mask)
+        out = dyn.teacher_forced_logits(codes, changed, mask)
         assert torch.allclose(out[:, :t], base[:, :t], atol=1e-6)
         assert not torch.allclose(out[:, t], base[:, t])
 
 
-@pytest.mark.parametrize("path", LOGITS)
-def test_dynamics_masked_frame_never_sees_later_frames(path):
+def test_dynamics_masked_frame_never_sees_later_or_other_masked_frames():
     dyn = make_dynamics()
-    logits = getattr(dyn, path)
     codes = torch.randint(0, 50, (1, 4, 6, 2))
     mask = torch.rand(1, 3, 6, 2) < 0.5
     acts = torch.zeros(1, 3, dtype=torch.long)
-    base = logits(codes, acts, mask)
+    base = dyn.teacher_forced_logits(codes, acts, mask)
     later = codes.clone()
     later[:, 3] = (later[:, 3] + 1) % 50                     # frame 3 changes: logits of frames 1, 2 must not
-    out = logits(later, acts, mask)
+    out = dyn.teacher_forced_logits(later, acts, mask)
     assert torch.allclose(out[:, :2], base[:, :2], atol=1e-6)
-    assert not torch.allclose(out[:, 2], base[:, 2])
-
-
-def test_two_streams_give_each_masked_frame_a_clean_past():
-    """Frame 1's masked codes reach frame 2's logits in one stream (its past is masked as in training),
-    never in two streams (the past is the clean frame, as in generation)."""
-    dyn = make_dynamics()
-    codes = torch.randint(0, 50, (1, 3, 6, 2))
-    acts = torch.zeros(1, 2, dtype=torch.long)
-    some, more = torch.zeros(1, 2, 6, 2, dtype=torch.bool), torch.zeros(1, 2, 6, 2, dtype=torch.bool)
-    more[:, 0] = True                                         # frame 1 fully masked in `more`
-    two = [dyn.teacher_forced_logits(codes, acts, m)[:, 1] for m in (some, more)]
-    one = [dyn.one_stream_logits(codes, acts, m)[:, 1] for m in (some, more)]
-    assert torch.allclose(two[0], two[1], atol=1e-6) and not torch.allclose(one[0], one[1])
 
 
 @pytest.mark.parametrize("steps", [1, 3, 8])

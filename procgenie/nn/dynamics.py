@@ -4,8 +4,7 @@ Training runs two streams through one ST-transformer: a clean stream of frames 1
 stream of frames 2..T (each frame's codes masked at a rate drawn from [mask_min, mask_max]). Masked
 frame t attends the clean frames before it and itself, never another masked frame, so training sees
 exactly what generation sees: clean past keys and values (cached) and one partly known frame.
-Frame t carries the latent action a_{t-1} that led to it. `streams=1` trains as Genie does instead:
-one causal pass over the clip with frames 2..T masked, half the tokens, but a masked past.
+Frame t carries the latent action a_{t-1} that led to it.
 
 Generation (MaskGIT): start fully masked; each of `steps` rounds samples every masked code, keeps the
 most confident ones (a cosine schedule says how many stay masked) and feeds them back. The finished
@@ -88,8 +87,7 @@ class Dynamics(nn.Module):
         B, T = codes.shape[:2]
         rate = torch.empty(B, T - 1, 1, 1, device=codes.device).uniform_(self.cfg.mask_min, self.cfg.mask_max)
         mask = torch.rand(B, T - 1, self.N, self.G, device=codes.device) < rate
-        logits_fn = self.teacher_forced_logits if self.cfg.streams == 2 else self.one_stream_logits
-        logits, target = logits_fn(codes, actions, mask), codes[:, 1:]
+        logits, target = self.teacher_forced_logits(codes, actions, mask), codes[:, 1:]
         if torch.compiler.is_compiling():
             # Fixed shapes keep the compiled graph whole (indexing by the mask breaks it and waits for the GPU);
             # the compiler fuses the float32 upcast into the loss.
@@ -113,14 +111,6 @@ class Dynamics(nn.Module):
         pos = torch.cat([torch.arange(T - 1), torch.arange(1, T)]).to(codes_BTNG.device)
         h = self.transformer(x, tmask=two_stream_mask(T, codes_BTNG.device), pos=pos)
         return self._logits(h[:, T - 1:])
-
-    def one_stream_logits(self, codes_BTNG, actions_BT, mask_BTNG) -> torch.Tensor:
-        """As teacher_forced_logits, in one causal pass over the clip with frames 2..T masked (Genie's
-        training): half the tokens, but each frame's past is masked too, which generation's never is."""
-        act_in = F.pad(actions_BT, (1, 0), value=self.A)                   # frame t gets a_{t-1}
-        masked = torch.cat([codes_BTNG[:, :1], codes_BTNG[:, 1:].masked_fill(mask_BTNG, self.mask_id)], 1)
-        h = self.transformer(self._embed(masked, act_in, False))           # causal in time
-        return self._logits(h[:, 1:])
 
     # -- generation -----------------------------------------------------------------------------
     def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor) -> dict:
