@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU checks behind docs/benchmarks.md's GPU section: a tiny end-to-end run on the GPU, a one-rank
 # NCCL run, `bench --preset genie`, a profile of the dynamics step with and without activation
-# checkpointing, and `bench --set compile=true`. Run from the repository root on a GPU machine:
+# checkpointing, and the compiled steps (scripts/time_stage.py). Run from the repository root on a GPU machine:
 #   scripts/gpu_checks.sh DATA OUT      (DATA: any dataset from `procgenie collect`; results go to OUT)
 set -u
 DATA=${1:?usage: scripts/gpu_checks.sh DATA OUT}
@@ -26,8 +26,10 @@ s profile genie dynamics, act_ckpt on
 timeout 70 python3 scripts/profile_step.py genie dynamics 2>&1 | head -45
 s dynamics without act_ckpt
 timeout 60 python3 scripts/profile_step.py genie dynamics dynamics.act_ckpt=false 2>&1 | head -3
-s bench genie compile, dynamics without act_ckpt
-timeout 600 $P bench --preset genie --seconds 4 --set compile=true dynamics.act_ckpt=false \
-    --json "$OUT/bench_genie_compile.json" 2>&1 | grep -v "W[0-9]"
+s compiled: dynamics without act_ckpt, then tokenizer and LAM as their preset
+timeout 240 python3 scripts/time_stage.py genie dynamics compile=true dynamics.act_ckpt=false 2>&1 | grep -v "W[0-9]"
+for stage in tokenizer lam; do
+    timeout 200 python3 scripts/time_stage.py genie $stage compile=true 2>&1 | grep -v "W[0-9]"
+done
 s done
 } 2>&1 | tee "$OUT/log.txt"
