@@ -121,6 +121,21 @@ def training_setup(stage: str, stages: dict[str, C.StageConfig], device) -> tupl
     return model, opt, batch
 
 
+def prepare(preset: str, overrides: list[str] | None = None, precision: str | None = None) -> tuple:
+    """(stages, device) to time: the preset with `train --set` overrides and precision ('bf16'/'fp32', None:
+    the preset's), on the device training would pick, with training's thread and kernel settings."""
+    stages = C.preset(preset)
+    C.apply_overrides(stages, overrides or [], C.STAGES)
+    if precision is not None:
+        for sc in stages.values():
+            sc.train.bf16 = precision == "bf16"
+    device = pick_device()
+    if device.type == "cpu":
+        set_cpu_threads()
+    speed_settings(device, deterministic=False)
+    return stages, device
+
+
 def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds: float) -> dict:
     """Frames/s, FLOPs per step and FLOP/s of `stage`'s training step at its preset's batch."""
     t = stages[stage].train
@@ -198,16 +213,8 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
         raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
     if precision not in (None, "bf16", "fp32"):
         raise UserError(f"--precision must be bf16 or fp32, not {precision!r}")
-    stages = C.preset(preset)
-    C.apply_overrides(stages, overrides or [], C.STAGES)
-    if precision is not None:
-        for sc in stages.values():
-            sc.train.bf16 = precision == "bf16"
+    stages, device = prepare(preset, overrides, precision)
     bf16 = stages["dynamics"].train.bf16
-    device = pick_device()
-    if device.type == "cpu":
-        set_cpu_threads()
-    speed_settings(device, deterministic=False)
     # First: a wrong --checkpoint fails before the long part.
     wm, play_note = load_world(checkpoint, device, None if precision is None else bf16)
     # Other work on the machine slows every figure, CPU threads that wait for each other most of all.

@@ -8,16 +8,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from procgenie import config as C
-from procgenie.bench import _sync, training_setup
-from procgenie.models import pick_device
-from procgenie.train import set_act_ckpt, speed_settings, train_step
+from procgenie.bench import _sync, prepare, training_setup
+from procgenie.train import set_act_ckpt, train_step
 
 preset, stage = sys.argv[1], sys.argv[2]
-stages = C.preset(preset)
-C.apply_overrides(stages, sys.argv[3:], C.STAGES)
-dev = pick_device()
-speed_settings(dev, deterministic=False)
+stages, dev = prepare(preset, sys.argv[3:])
 t = stages[stage].train
 model, opt, batch = training_setup(stage, stages, dev)
 set_act_ckpt(model, t.act_ckpt)

@@ -12,18 +12,10 @@ import sys
 
 import torch
 
-from procgenie import config as C
-from procgenie.bench import matmul_flops_per_s, time_training
-from procgenie.models import pick_device
-from procgenie.train import set_cpu_threads, speed_settings
+from procgenie.bench import matmul_flops_per_s, prepare, time_training
 
 preset, stage = sys.argv[1], sys.argv[2]
-stages = C.preset(preset)
-C.apply_overrides(stages, sys.argv[3:], C.STAGES)
-dev = pick_device()
-if dev.type == "cpu":
-    set_cpu_threads()
-speed_settings(dev, deterministic=False)
+stages, dev = prepare(preset, sys.argv[3:])
 bf16 = stages[stage].train.bf16
 peak, n = matmul_flops_per_s(dev, torch.bfloat16 if bf16 else torch.float32, 3)
 if dev.type == "cuda":
