@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from procgenie import config as C
 from procgenie.atomic import write_json_atomic
 from procgenie.errors import UserError
-from procgenie.models import build, pick_device
+from procgenie.models import build, pick_device, shape_links
 from procgenie.train import make_optimizer, set_act_ckpt, set_cpu_threads, speed_settings, train_step
 
 
@@ -96,10 +96,7 @@ def _models(stage: str, stages: dict[str, C.StageConfig], device) -> torch.nn.Mo
     if stage != "dynamics":
         return build(stages[stage]).to(device)
     tok, lam = build(stages["tokenizer"]).to(device), build(stages["lam"]).to(device)
-    links = {"tokenizer": {"vocab": tok.vocab, "positions": tok.tokens,
-                           "codes_per_position": tok.cfg.codes_per_patch},
-             "lam": {"num_actions": lam.cfg.num_actions}}
-    model = build(stages["dynamics"], links).to(device)
+    model = build(stages["dynamics"], shape_links(tok, lam)).to(device)
     model.attach(tok, lam)
     return model
 

@@ -74,7 +74,10 @@ class DynamicsConfig:
     mask_min: float = _f(0.5, "lowest training mask rate")
     mask_max: float = _f(1.0, "highest training mask rate")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
-    temperature: float = _f(1.0, "sampling temperature (0: greedy)")
+    decode: str = _f("sample", "how a code is picked: 'sample' (drawn at `temperature`) or 'mean' (each FSQ channel's "
+                               "expected level, rounded; FSQ tokenizers only)")
+    temperature: float = _f(1.0, "sampling temperature (0: greedy); decode='mean' samples only when a caller asks "
+                                 "for a temperature")
     seq_len: int = _f(16, "frames per training clip (and the longest context)")
 
 
@@ -262,6 +265,8 @@ def validate(sc: StageConfig) -> None:
         raise UserError(f"{sc.stage}: quantizer must be 'fsq' or 'vq', not '{m.quantizer}'")
     if not 0 <= getattr(m, "continuous_frac", 0) < 1:
         raise UserError(f"{sc.stage}: continuous_frac must lie in [0, 1), got {m.continuous_frac}")
+    if getattr(m, "decode", "sample") not in ("sample", "mean"):
+        raise UserError(f"{sc.stage}: decode must be 'sample' or 'mean', not '{m.decode}'")
     if getattr(m, "action_cond", "token") not in ("token", "add"):
         raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
     if m.seq_len < 2 and sc.stage != "tokenizer":

@@ -40,23 +40,36 @@ def build(sc: C.StageConfig, links: dict | None = None) -> torch.nn.Module:
     tok, lam = (links or {}).get("tokenizer"), (links or {}).get("lam")
     if not tok or not lam:
         raise UserError("a dynamics config must name its tokenizer and LAM (links): retrain the dynamics stage")
-    return Dynamics(sc.model, tok["vocab"], tok["positions"], tok["codes_per_position"], lam["num_actions"])
+    return Dynamics(sc.model, tok["vocab"], tok["positions"], tok["codes_per_position"], lam["num_actions"],
+                    tok.get("fsq_levels"))
 
 
 def load_stage(run_dir: Path, stage: str, device: torch.device) -> tuple[torch.nn.Module, C.StageConfig, dict]:
     """A trained stage in eval mode, rebuilt from RUN/<stage>/config.json and model.safetensors."""
     sc, extra = ckpt.read_config(run_dir / stage, stage)
+    tok = extra.get("links", {}).get("tokenizer")
+    if tok and "fsq_levels" not in tok:  # runs before 2026-11-26 did not record them: their tokenizer's config has them
+        tok_model = ckpt.read_config(run_dir / "tokenizer", "tokenizer")[0].model
+        tok["fsq_levels"] = list(tok_model.fsq_levels) if tok_model.quantizer == "fsq" else None
     model = build(sc, extra.get("links"))
     ckpt.load_weights(run_dir / stage / "model.safetensors", model)
     return model.to(device).eval(), sc, extra
 
 
+def shape_links(tokenizer: Tokenizer, lam: LAM) -> dict:
+    """What a dynamics model's shape depends on: the tokenizer's codes and the LAM's actions."""
+    fsq = list(tokenizer.cfg.fsq_levels) if tokenizer.cfg.quantizer == "fsq" else None
+    return {"tokenizer": {"vocab": tokenizer.vocab, "positions": tokenizer.tokens,
+                          "codes_per_position": tokenizer.cfg.codes_per_patch, "fsq_levels": fsq},
+            "lam": {"num_actions": lam.cfg.num_actions}}
+
+
 def links_of(run_dir: Path, tokenizer: Tokenizer, lam: LAM) -> dict:
-    return {"tokenizer": {"fingerprint": ckpt.fingerprint(run_dir / "tokenizer" / "model.safetensors"),
-                          "vocab": tokenizer.vocab, "positions": tokenizer.tokens,
-                          "codes_per_position": tokenizer.cfg.codes_per_patch},
-            "lam": {"fingerprint": ckpt.fingerprint(run_dir / "lam" / "model.safetensors"),
-                    "num_actions": lam.cfg.num_actions}}
+    """shape_links and the weight fingerprints of the run's tokenizer and LAM."""
+    links = shape_links(tokenizer, lam)
+    for stage in ("tokenizer", "lam"):
+        links[stage] = {"fingerprint": ckpt.fingerprint(run_dir / stage / "model.safetensors"), **links[stage]}
+    return links
 
 
 def check_links(run_dir: Path, extra: dict) -> None:

@@ -99,7 +99,10 @@ class WorldModel:
     @torch.no_grad()
     def generate(self, context, actions, steps: int | None = None, temperature: float | None = None,
                  seed: int | None = None) -> np.ndarray:
-        """The H frames that follow `context` (uint8 (B, C, H, W, 3)) under latent `actions` (int64 (B, H))."""
+        """The H frames that follow `context` (uint8 (B, C, H, W, 3)) under latent `actions` (int64 (B, H)).
+
+        steps: MaskGIT rounds per frame; temperature: sample codes at it (0: greedy); both default to the
+        dynamics config, whose `decode` may pick each code as its channels' expected levels instead."""
         ctx = _frames_in(context, self.image_size, "context")
         acts = np.asarray(actions)
         if acts.ndim != 2 or acts.shape[0] != ctx.shape[0] or not np.issubdtype(acts.dtype, np.integer):

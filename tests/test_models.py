@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from procgenie import config as C
+from procgenie.errors import UserError
 from procgenie.nn.dynamics import Dynamics
 from procgenie.nn.lam import LAM
+from procgenie.nn.quantize import FSQ
 from procgenie.nn.tokenizer import Tokenizer
 
 
@@ -60,11 +62,17 @@ def test_lam_infers_action_t_from_frames_up_to_t_plus_1():
     assert torch.equal(z1[:, 0], z2[:, 0]) and not torch.equal(z1[:, 1], z2[:, 1])
 
 
-def make_dynamics(steps=4):
+DECODES = ["sample", "mean"]
+LEVELS = (2, 5, 5)  # an FSQ codebook of 50 codes
+
+
+def make_dynamics(steps=4, decode="sample", **cfg_fields):
     torch.manual_seed(0)
     cfg = tiny("dynamics")
-    cfg.maskgit_steps = steps
-    return Dynamics(cfg, vocab=50, positions=6, codes_per_position=2, num_actions=4).eval()
+    cfg.maskgit_steps, cfg.decode = steps, decode
+    for k, v in cfg_fields.items():
+        setattr(cfg, k, v)
+    return Dynamics(cfg, vocab=50, positions=6, codes_per_position=2, num_actions=4, fsq_levels=LEVELS).eval()
 
 
 def test_dynamics_action_t_conditions_frame_t_plus_1_only():
@@ -93,9 +101,10 @@ def test_dynamics_masked_frame_never_sees_later_or_other_masked_frames():
     assert torch.allclose(out[:, :2], base[:, :2], atol=1e-6)
 
 
+@pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("steps", [1, 3, 8])
-def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps):
-    dyn = make_dynamics(steps)
+def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps, decode):
+    dyn = make_dynamics(steps, decode)
     ctx, act0 = torch.randint(0, 50, (2, 3, 6, 2)), torch.full((2, 3), 4)
     seen = []
     logits = dyn._logits
@@ -121,16 +130,14 @@ def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps):
         assert int((cur == dyn.mask_id).sum()) == 2 * int(12 * math.cos(math.pi / 2 * k / steps))
     assert torch.equal(out[:, None][rounds[-1] != dyn.mask_id], rounds[-1][rounds[-1] != dyn.mask_id])
     assert torch.equal(run(0), out)
-    assert not torch.equal(run(1), out)
+    assert torch.equal(run(1), out) == (decode == "mean")  # the mean needs no random numbers
 
 
-def test_generation_predicts_what_the_teacher_forced_training_pass_predicts():
+@pytest.mark.parametrize("decode", DECODES)
+def test_generation_predicts_what_the_teacher_forced_training_pass_predicts(decode):
     """Each generated frame, whose predecessor joins the cache in the same pass, matches the training pass."""
-    torch.manual_seed(0)
-    cfg = tiny("dynamics")
-    cfg.depth, cfg.seq_len, cfg.temperature = 2, 5, 0.0
-    dyn = Dynamics(cfg, vocab=50, positions=6, codes_per_position=2, num_actions=4).eval()
-    C, T = 2, cfg.seq_len
+    dyn = make_dynamics(decode=decode, depth=2, seq_len=5, temperature=0.0)
+    C, T = 2, dyn.cfg.seq_len
     acts = torch.randint(0, 4, (1, T - 1))                              # a_t leads to frame t+1
     frames = [torch.randint(0, 50, (1, C, 6, 2))]
     state = dyn.start(frames[0], F.pad(acts[:, :C - 1], (1, 0), value=dyn.A))
@@ -139,7 +146,7 @@ def test_generation_predicts_what_the_teacher_forced_training_pass_predicts():
     codes = torch.cat(frames, 1)                                        # (1, T, N, G)
     mask = torch.ones(1, T - 1, 6, 2, dtype=torch.bool)
     with torch.no_grad():
-        expected = dyn.teacher_forced_logits(codes, acts, mask).argmax(-1)[:, C - 1:]
+        expected = dyn._pick(dyn.teacher_forced_logits(codes, acts, mask)[:, C - 1:].float(), decode, 0.0, None)[0]
     assert torch.equal(codes[:, C:], expected)
     dyn.step(state, acts[:, 0], steps=1)             # past the window, the clean past stays seq_len - 1 frames
     assert [c.k.shape[2] for c in state["caches"]] == [T - 1, T - 1]
@@ -180,3 +187,35 @@ def test_dynamics_loss_for_torch_compile_equals_the_indexed_loss(monkeypatch):
     ce_fixed, m_fixed = model.loss(batch)
     assert torch.allclose(ce, ce_fixed, rtol=1e-5) and torch.allclose(m["acc"], m_fixed["acc"])
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())
+
+
+def test_mean_decoding_rounds_each_channels_expected_level():
+    """decode='mean' picks, per FSQ channel, the expected level under the model's distribution over the codebook,
+    rounded (levels as the tokenizer's FSQ numbers its codes); its confidence is the product of the picked levels'
+    marginal probabilities."""
+    dyn, fsq = make_dynamics(decode="mean"), FSQ(LEVELS)
+    logits = torch.randn(3, 6, 2, 50) * 3
+    code, conf = dyn._pick(logits, "mean", 1.0, None)
+    level_of = lambda c: (fsq.embed(c) * fsq.width + fsq.width).round().long()  # (..., Q) levels of codes
+    p, digits = logits.softmax(-1), level_of(torch.arange(50))
+    marg = [torch.stack([p[..., digits[:, q] == lv].sum(-1) for lv in range(L)], -1) for q, L in enumerate(LEVELS)]
+    want = [(m * torch.arange(m.shape[-1])).sum(-1).round().long() for m in marg]
+    assert torch.equal(level_of(code), torch.stack(want, -1))
+    prod = math.prod(m.gather(-1, w[..., None])[..., 0] for m, w in zip(marg, want))
+    assert torch.allclose(conf, prod, atol=1e-5)
+
+
+def test_mean_decoding_needs_an_fsq_tokenizer():
+    cfg = tiny("dynamics")
+    cfg.decode = "mean"
+    with pytest.raises(UserError, match="needs an FSQ tokenizer"):
+        Dynamics(cfg, vocab=50, positions=6, codes_per_position=2, num_actions=4)
+
+
+def test_mean_decoding_samples_when_a_temperature_is_asked_for():
+    """decode='mean' is deterministic; a caller that passes a temperature (wm.generate's argument) gets samples."""
+    dyn = make_dynamics(2, "mean")
+    ctx, act0, act = torch.randint(0, 50, (2, 3, 6, 2)), torch.full((2, 3), 4), torch.tensor([1, 2])
+    run = lambda seed, **kw: dyn.step(dyn.start(ctx, act0), act, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run(0), run(1))
+    assert not torch.equal(run(0, temperature=1.0), run(1, temperature=1.0))

@@ -6,8 +6,10 @@ frame t attends the clean frames before it and itself, never another masked fram
 exactly what generation sees: clean past keys and values (cached) and one partly known frame.
 Frame t carries the latent action a_{t-1} that led to it.
 
-Generation (MaskGIT): start fully masked; each of `steps` rounds samples every masked code, keeps the
-most confident ones (a cosine schedule says how many stay masked) and feeds them back. The finished
+Generation (MaskGIT): start fully masked; each of `steps` rounds picks every masked code, keeps the
+most confident ones (a cosine schedule says how many stay masked) and feeds them back. A code is picked
+by sampling (`decode='sample'`) or, over an FSQ tokenizer, as each channel's expected level rounded
+(`decode='mean'`): a wrong guess then lands on a nearby code, not any code. The finished
 frame joins the key/value cache of the clean past in the next frame's first round, which runs it beside
 the new masked frame as in training's two streams: one transformer pass fewer per frame. The clean
 past then holds seq_len-1 frames at most, as in training.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from procgenie.config import DynamicsConfig
+from procgenie.errors import UserError
 from procgenie.nn.blocks import STTransformer, init_weights, window_mask
 
 
@@ -43,11 +46,15 @@ def two_stream_mask(T: int, device) -> torch.Tensor:
 
 
 class Dynamics(nn.Module):
-    def __init__(self, cfg: DynamicsConfig, vocab: int, positions: int, codes_per_position: int, num_actions: int):
+    def __init__(self, cfg: DynamicsConfig, vocab: int, positions: int, codes_per_position: int, num_actions: int,
+                 fsq_levels: tuple[int, ...] | None = None):
         super().__init__()
         self.cfg, D = cfg, cfg.width
         self.V, self.N, self.G, self.A = vocab, positions, codes_per_position, num_actions
         self.mask_id = vocab
+        self.levels = tuple(fsq_levels) if fsq_levels else None            # FSQ: a code's levels per channel
+        if cfg.decode == "mean" and self.levels is None:
+            raise UserError("dynamics decode='mean' needs an FSQ tokenizer: use decode='sample' with a VQ tokenizer")
         self.code_embed = nn.Embedding(self.G * (vocab + 1), D)           # one table per code slot
         self.action_embed = nn.Embedding(num_actions + 1, D)               # + "no action" before frame 1
         self.target = nn.Parameter(torch.zeros(D))                         # marks the masked stream
@@ -127,6 +134,7 @@ class Dynamics(nn.Module):
         """Generate the next frame's codes (B, N, G) after taking latent action `action_B`. The frame enters the
         key/value cache in the next call's first round."""
         steps = steps or self.cfg.maskgit_steps
+        decode = self.cfg.decode if temperature is None else "sample"  # a temperature asked for means sampling
         temperature = self.cfg.temperature if temperature is None else temperature
         B, dev, t, caches = action_B.shape[0], action_B.device, state["t"], state["caches"]
         pending = state.pop("pending", None)  # the last generated frame (codes, action), not yet cached
@@ -141,18 +149,7 @@ class Dynamics(nn.Module):
                 h = self.transformer(x, pos=torch.tensor([t - 1, t], device=dev), caches=caches, commit=1)[:, 1:]
             else:
                 h = self.transformer(x, pos=torch.tensor([t], device=dev), caches=caches)
-            logits = self._logits(h)[:, 0].float()                         # (B, N, G, V)
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, -1)
-                # Inverse-CDF sampling: one uniform per code. (torch.multinomial draws one exponential per
-                # codebook entry: 256,000 a frame, a fifth of play's time on a CPU.)
-                cdf = probs.reshape(-1, self.V).cumsum(-1)
-                u = torch.rand(cdf.shape[0], 1, generator=generator, device=dev) * cdf[:, -1:]
-                sample = torch.searchsorted(cdf, u).clamp(max=self.V - 1).reshape(B, self.N, self.G)
-            else:
-                probs = F.softmax(logits, -1)
-                sample = probs.argmax(-1)
-            conf = probs.gather(-1, sample[..., None])[..., 0]
+            sample, conf = self._pick(self._logits(h)[:, 0].float(), decode, temperature, generator)  # (B, N, G) each
             known = codes[:, 0] != self.mask_id
             conf = conf.masked_fill(known, math.inf)                        # known codes stay
             sample = torch.where(known, codes[:, 0], sample)
@@ -164,3 +161,28 @@ class Dynamics(nn.Module):
             codes = torch.where(chosen.reshape(B, 1, self.N, self.G), sample[:, None], self.mask_id)
         state["pending"], state["t"] = (codes, action_B), t + 1
         return codes[:, 0]
+
+    def _pick(self, logits_BNGV: torch.Tensor, decode: str, temperature: float, generator):
+        """A code for every position and slot (B, N, G), and the model's probability of it (the MaskGIT confidence)."""
+        probs = F.softmax(logits_BNGV / temperature if decode == "sample" and temperature > 0 else logits_BNGV, -1)
+        if decode == "sample":
+            code = _draw(probs, generator) if temperature > 0 else probs.argmax(-1)
+            return code, probs.gather(-1, code[..., None])[..., 0]
+        # decode == "mean": each FSQ channel's marginal (channel 0 varies fastest in a code index), its expected
+        # level rounded; the confidence is the product of the chosen levels' marginals.
+        joint = probs.unflatten(-1, self.levels[::-1])                     # (B, N, G, L_Q-1, ..., L_0)
+        code, conf, stride = 0, 1, 1
+        for q, L in enumerate(self.levels):
+            axis = joint.dim() - 1 - q
+            p = joint.sum(tuple(a for a in range(probs.dim() - 1, joint.dim()) if a != axis))  # (B, N, G, L)
+            level = (p * torch.arange(L, device=p.device)).sum(-1).round().long()
+            code, conf, stride = code + level * stride, conf * p.gather(-1, level[..., None])[..., 0], stride * L
+        return code, conf
+
+
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One sample per row of probs (..., K) by inverse CDF: one uniform per row. (torch.multinomial draws one
+    exponential per entry: 256,000 a frame over a 1,000-code book, a fifth of play's time on a CPU.)"""
+    cdf = probs.reshape(-1, probs.shape[-1]).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp(max=probs.shape[-1] - 1).reshape(probs.shape[:-1])
