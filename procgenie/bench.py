@@ -35,6 +35,8 @@ from procgenie import config as C
 from procgenie.atomic import write_json_atomic
 from procgenie.errors import UserError
 from procgenie.models import build, pick_device, shape_links
+from procgenie.precision import check as check_precision
+from procgenie.precision import resolve
 from procgenie.train import make_optimizer, set_act_ckpt, set_cpu_threads, speed_settings, train_step
 
 
@@ -119,16 +121,15 @@ def training_setup(stage: str, stages: dict[str, C.StageConfig], device) -> tupl
 
 
 def prepare(preset: str, overrides: list[str] | None = None, precision: str | None = None) -> tuple:
-    """(stages, device) to time: the preset with `train --set` overrides and precision ('bf16'/'fp32', None:
-    the preset's), on the device training would pick, with training's thread and kernel settings."""
+    """(stages, device) to time: the preset with `train --set` overrides and precision ('auto'/'bf16'/'fp32',
+    None: the preset's), resolved for the device training would pick, with training's thread and kernel settings."""
     stages = C.preset(preset)
     C.apply_overrides(stages, overrides or [], C.STAGES)
-    if precision is not None:
-        for sc in stages.values():
-            sc.train.bf16 = precision == "bf16"
     device = pick_device()
     if device.type == "cpu":
-        set_cpu_threads()
+        set_cpu_threads()  # first: auto's measurement runs with training's threads
+    for sc in stages.values():
+        sc.train.precision = resolve(sc.train.precision if precision is None else precision, device)
     speed_settings(device, deterministic=False)
     return stages, device
 
@@ -158,11 +159,11 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
 
 # -- play ----------------------------------------------------------------------------------------
 
-def load_world(checkpoint: str | None, device, bf16: bool | None = None):
+def load_world(checkpoint: str | None, device, precision: str = "auto"):
     """The world model to time play on, or (None, why) when there is none to time."""
     from procgenie.world import WorldModel
     try:
-        return WorldModel.from_pretrained(checkpoint, device=device, bf16=bf16), None
+        return WorldModel.from_pretrained(checkpoint, device=device, precision=precision), None
     except UserError as e:
         if checkpoint is not None:
             raise
@@ -197,23 +198,23 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
 # -- the command ---------------------------------------------------------------------------------
 
 def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: float = 10.0,
-          maskgit_steps: int | None = None, preset: str = "cpu", precision: str | None = None,
+          maskgit_steps: int | None = None, preset: str = "cpu", precision: str = "auto",
           overrides: list[str] | None = None) -> dict:
     """Measure, print a table, and write SPEC's JSON (plus extra keys) to `json_path` if given.
 
-    `precision` ('bf16' or 'fp32', default: the preset's) applies to training, the matmul peak and play alike.
+    `precision` ('auto', 'bf16' or 'fp32'; auto: bf16 only where this device computes it faster) applies to
+    training, the matmul peak and play alike, so matmul_peak_share is against the peak of training's precision.
     `overrides` are `train --set` items (e.g. `compile=true`, `dynamics.act_ckpt=false`) for the timed training.
     """
     if not seconds > 0:
         raise UserError(f"--seconds must be positive, got {seconds}")
     if maskgit_steps is not None and maskgit_steps < 1:
         raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
-    if precision not in (None, "bf16", "fp32"):
-        raise UserError(f"--precision must be bf16 or fp32, not {precision!r}")
+    check_precision(precision)
     stages, device = prepare(preset, overrides, precision)
-    bf16 = stages["dynamics"].train.bf16
+    bf16 = stages["dynamics"].train.precision == "bf16"
     # First: a wrong --checkpoint fails before the long part.
-    wm, play_note = load_world(checkpoint, device, None if precision is None else bf16)
+    wm, play_note = load_world(checkpoint, device, stages["dynamics"].train.precision)
     # Other work on the machine slows every figure, CPU threads that wait for each other most of all.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -238,6 +239,7 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
         **{k: play[k] for k in ("play_fps", "play_latency_ms_p50", "play_latency_ms_p95")},
         # Beyond the SPEC's schema: what the figures above were measured with, and per-stage detail.
         "preset": preset, "overrides": list(overrides or []), "precision": "bf16" if bf16 else "fp32",
+        "precision_asked": precision,
         "seconds": seconds,
         "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_average_at_start": load,
         "torch": torch.__version__, "matmul_flops_per_s": peak, "matmul_size": n,

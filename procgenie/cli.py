@@ -51,31 +51,39 @@ def _data(a) -> None:
 
 def _train(a) -> None:
     from procgenie.train import train_stages
-    train_stages(a.stage, a.data, a.run, preset=a.preset, steps=a.steps, overrides=a.set or [])
+    sets = [*(a.set or []), *([f"precision={a.precision}"] if a.precision else [])]
+    train_stages(a.stage, a.data, a.run, preset=a.preset, steps=a.steps, overrides=sets)
 
 
 def _eval(a) -> None:
     from procgenie.evaluate import evaluate
     evaluate(a.checkpoint, a.data, a.out, episodes=a.episodes, context=a.context, horizon=a.horizon,
-             maskgit_steps=a.maskgit_steps, seed=a.seed)
+             maskgit_steps=a.maskgit_steps, seed=a.seed, precision=a.precision)
 
 
 def _play(a) -> None:
     from procgenie.play.server import serve
     serve(a.checkpoint, host=a.host, port=a.port, maskgit_steps=a.maskgit_steps, level=a.start_level, fps=a.fps,
-          max_sessions=a.max_players)
+          max_sessions=a.max_players, precision=a.precision)
 
 
 def _dream(a) -> None:
     from procgenie.dream import dream
     dream(a.checkpoint, a.out, actions=a.actions, steps=a.steps, level=a.level, fps=a.fps, seed=a.seed,
-          maskgit_steps=a.maskgit_steps)
+          maskgit_steps=a.maskgit_steps, precision=a.precision)
 
 
 def _bench(a) -> None:
     from procgenie.bench import bench
     bench(a.checkpoint, json_path=a.json, seconds=a.seconds, maskgit_steps=a.maskgit_steps, preset=a.preset,
           precision=a.precision, overrides=a.set)
+
+
+def _precision_arg(parser, what: str, default: str | None = "auto") -> None:
+    parser.add_argument("--precision", default=default, choices=("auto", "bf16", "fp32"),
+                        help=f"compute precision to {what}: auto picks bf16 only where this device computes it "
+                             f"faster than fp32 (CPUs without bf16 instructions emulate it 100x slower)"
+                             + ("" if default is None else " (default auto)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny | cpu | seed | genie (default cpu, or the run's own on resume)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
     t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields (see below)")
+    _precision_arg(t, "train (saved in the run's config; default: the preset's, auto)", default=None)
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a world model on the test split",
@@ -133,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--horizon", type=int, default=10, help="frames generated after the context (default 10)")
     e.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps (default: the model's)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _precision_arg(e, "evaluate")
     e.set_defaults(fn=_eval)
 
     pl = sub.add_parser("play", help="play the learned world in a browser",
@@ -145,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--start-level", type=int, default=None, help="first level seed (default: random test level)")
     pl.add_argument("--fps", type=float, default=15.0, help="target frames per second of each player (default 15)")
     pl.add_argument("--max-players", type=int, default=4, help="connections served at once (default 4)")
+    _precision_arg(pl, "play")
     pl.set_defaults(fn=_play)
 
     from procgenie.dream import ACTIONS_HELP
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--fps", type=int, default=15, help="frames per second of the file (default 15)")
     dr.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     dr.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps (default: the model's)")
+    _precision_arg(dr, "dream")
     dr.set_defaults(fn=_dream)
 
     b = sub.add_parser("bench", help="measure training and play speed",
@@ -171,10 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
     b.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (default 10)")
     b.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps for play (default: play's)")
-    b.add_argument("--precision", default=None, choices=("bf16", "fp32"),
-                   help="bf16 autocast or plain fp32 for training, the matmul peak and play (default: the preset's)")
     b.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override the preset's config fields for the timed training (as `train --set`)")
+    _precision_arg(b, "train, time the matmul peak and play")
     b.set_defaults(fn=_bench)
     return p
 

@@ -93,7 +93,8 @@ class TrainConfig:
     warmup: int = _f(100, "linear warmup steps")
     weight_decay: float = _f(0.05, "AdamW weight decay (matrices only)")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
-    bf16: bool = _f(True, "bf16 autocast (CPU and CUDA)")
+    precision: str = _f("auto", "'auto' (bf16 autocast only where this device computes it faster than fp32), "
+                                "'bf16' or 'fp32'")
     compile: bool = _f(False, "torch.compile the model")
     act_ckpt: bool = _f(False, "activation checkpointing of transformer blocks")
     seed: int = _f(0, "seed for initialisation, data order and masking")
@@ -273,6 +274,8 @@ def validate(sc: StageConfig) -> None:
         raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
     if m.seq_len < 2 and sc.stage != "tokenizer":
         raise UserError(f"{sc.stage}: seq_len must be at least 2")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"{sc.stage}: train.precision must be auto, bf16 or fp32, not '{t.precision}'")
     if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}")
     for name in ("lr", "warmup", "weight_decay", "grad_clip", "seed", "workers"):
@@ -335,7 +338,10 @@ def from_dict(d: dict) -> StageConfig:
     if not isinstance(d.get("model"), dict) or not isinstance(d.get("train"), dict):
         raise UserError(f"the {stage} config lacks its model or train settings: the config.json is damaged; "
                         "retrain this stage")
-    return StageConfig(stage, _from_fields(MODEL_CONFIGS[stage], d["model"]), _from_fields(TrainConfig, d["train"]))
+    train = dict(d["train"])
+    if "bf16" in train and "precision" not in train:  # runs before 2026-12-02: bf16 on (the old default) means auto
+        train["precision"] = "auto" if train.pop("bf16") is True else "fp32"
+    return StageConfig(stage, _from_fields(MODEL_CONFIGS[stage], d["model"]), _from_fields(TrainConfig, train))
 
 
 def dumps(obj) -> str:

@@ -131,7 +131,8 @@ def encode_video(frames: np.ndarray, suffix: str, fps: float) -> bytes:
 
 
 def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, level: int | None = None,
-          fps: int = 15, seed: int = 0, maskgit_steps: int | None = None) -> Path:
+          fps: int = 15, seed: int = 0, maskgit_steps: int | None = None,
+          precision: str = "auto") -> Path:
     """Write context + `steps` dreamed frames of level `level` (default: the first test level, 0) to `out`."""
     import torch
 
@@ -148,7 +149,7 @@ def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, lev
     if maskgit_steps is not None and maskgit_steps < 1:
         raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
     level = 0 if level is None else level
-    wm = WorldModel.from_pretrained(checkpoint)
+    wm = WorldModel.from_pretrained(checkpoint, precision=precision)
     latents = parse_actions(actions, steps, wm.num_latent_actions, wm.latent_for_real_action)
     C = context_length(wm)
     env, context = start_frames(level, C, wm.env, seed)                               # (C, S, S, 3)
@@ -158,5 +159,5 @@ def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, lev
     frames = np.concatenate([context, np.stack(dreamed)])                              # (C + steps, S, S, 3)
     video = np.concatenate([upscale(frames), timeline(len(frames), C, frames.shape[2] * SCALE)], axis=1)
     write_bytes_atomic(path, encode_video(video, suffix, fps))
-    print(f"dreamed {steps} frames after {C} real ones of level {level} ({split_of(level)} split) -> {path}")
+    print(f"dreamed {steps} frames after {C} real ones of level {level} ({split_of(level)} split, {wm.precision}) -> {path}")
     return path

@@ -56,7 +56,7 @@ def _per_step(fn, a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int = 4, horizon: int = 10,
-             maskgit_steps: int | None = None, seed: int = 0, quiet: bool = False) -> dict:
+             maskgit_steps: int | None = None, seed: int = 0, quiet: bool = False, precision: str = "auto") -> dict:
     if context < 1 or horizon < 4:
         raise UserError(f"--context must be at least 1 and --horizon at least 4 (delta_psnr_t4 needs step 4), "
                         f"got {context} and {horizon}")
@@ -65,7 +65,7 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
             raise UserError(f"{name} must be at least 1, got {value}")
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the report")
-    wm = WorldModel.from_pretrained(checkpoint)
+    wm = WorldModel.from_pretrained(checkpoint, precision=precision)
     ds = Dataset(data)
     check_data(wm.tok_extra, ds, "world model")
     out_dir = Path(out)
@@ -131,7 +131,7 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
         "baseline_copy_last": {"psnr_by_step": _per_step(M.psnr, copy, future)},
         "random_actions": {"psnr_by_step": psnr_rand},
         "run": {"checkpoint": str(wm.run_dir), "data": str(ds.root), "seed": seed, "device": str(wm.device),
-                "seconds": time.perf_counter() - t0},
+                "precision": wm.precision, "seconds": time.perf_counter() - t0},
     }
     write_json_atomic(out_dir / "metrics.json", result)
     from procgenie.report import write_report

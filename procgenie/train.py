@@ -38,11 +38,12 @@ from procgenie.data.store import Dataset
 from procgenie.errors import UserError
 from procgenie.models import build_for_training, check_data, write_action_map
 from procgenie.nn.blocks import STTransformer
+from procgenie.precision import autocast, resolve
 
 # Fields that may change when a run is resumed; any other difference means another experiment. The
 # speed and memory knobs are among them: a run may resume on other hardware (grad_accum keeps the global
 # batch; only which rows share a mask seed changes).
-RESUMABLE_CHANGES = {"steps", "workers", "log_every", "ckpt_every", "grad_accum", "compile", "act_ckpt"}
+RESUMABLE_CHANGES = {"steps", "workers", "log_every", "ckpt_every", "grad_accum", "compile", "act_ckpt", "precision"}
 
 
 # -- distributed set-up ------------------------------------------------------------------------
@@ -167,10 +168,6 @@ def make_optimizer(model: torch.nn.Module, t: C.TrainConfig, device) -> torch.op
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def autocast(device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
 def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_dir: Path, device,
         rank: int = 0, world: int = 1, quiet: bool = False) -> dict:
     """Train `model` to sc.train.steps, resuming from stage_dir/state.safetensors if there is one."""
@@ -262,7 +259,7 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
         part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
         torch.manual_seed(chunk_seed(t.seed, step, rank * t.grad_accum + i))
         sync = i == t.grad_accum - 1 or not hasattr(net, "no_sync")
-        with (nullcontext() if sync else net.no_sync()), autocast(device, t.bf16):
+        with (nullcontext() if sync else net.no_sync()), autocast(device, resolve(t.precision, device)):
             loss, metrics = net(part)
         (loss / t.grad_accum).backward()
         # float() here rather than .item() in the model: metrics may come back as tensors, which keeps a
@@ -360,6 +357,7 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
     with exclusive(stage_dir, f"training {stage_dir}") if rank == 0 else nullcontext():
         if rank == 0 and trained < sc.train.steps:  # a finished stage keeps the config it was trained with
             ckpt.write_config(stage_dir, sc, {"preset": preset_name, "links": links,
+                                              "precision_used": resolve(sc.train.precision, device),
                                               "data": {"path": str(Path(data).resolve()), "env": ds.env,
                                                        "image_size": ds.image_size}})
         if world > 1:
@@ -369,7 +367,8 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
         if rank == 0 and not quiet:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"{stage}: {n / 1e6:.2f}M parameters, preset {preset_name}, {sc.train.steps} steps of "
-                  f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}"
+                  f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}, "
+                  f"{resolve(sc.train.precision, device)} (precision {sc.train.precision})"
                   + (f" x {world} ranks" if world > 1 else ""))
         result = fit(model, sc, sampler, stage_dir, device, rank, world, quiet)
         if stage == "lam" and rank == 0:  # which latent action each real action tends to be, for play

@@ -11,7 +11,6 @@ Letters: B batch, C context frames, H generated frames, N positions, G codes per
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from procgenie import checkpoint as ckpt
 from procgenie.errors import UserError
 from procgenie.models import check_links, load_stage, pick_device, read_action_map
+from procgenie.precision import autocast, resolve
 
 
 def _frames_in(frames, size: int, name: str, min_t: int = 1) -> torch.Tensor:
@@ -46,7 +46,7 @@ def most_specific_latent(counts_RA: np.ndarray) -> np.ndarray:
 class WorldModel:
     """A tokenizer, latent action model and dynamics model that were trained together."""
 
-    def __init__(self, run_dir: Path, device=None, bf16: bool | None = None):
+    def __init__(self, run_dir: Path, device=None, precision: str = "auto"):
         self.run_dir = Path(run_dir)
         self.device = pick_device(device)
         self.tokenizer, self.tok_cfg, self.tok_extra = load_stage(self.run_dir, "tokenizer", self.device)
@@ -55,20 +55,26 @@ class WorldModel:
         check_links(self.run_dir, dyn_extra)
         self.image_size = self.tok_cfg.model.image_size
         self.env = self.tok_extra.get("data", {}).get("env", "coinrun")
-        self.bf16 = self.device.type != "mps" if bf16 is None else bf16
+        self.precision = resolve(precision, self.device)  # 'bf16' or 'fp32': what this device computes faster
         counts = read_action_map(self.run_dir)
         self._action_map = None if counts is None else most_specific_latent(counts)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device=None, bf16: bool | None = None) -> "WorldModel":
-        return cls(ckpt.resolve_run(path), device, bf16)
+    def from_pretrained(cls, path: str | Path | None = None, device=None, precision: str = "auto") -> "WorldModel":
+        """The run at `path` (default: the bundled model). precision: 'auto' (bf16 only where this device
+        computes it faster than fp32), 'bf16' or 'fp32'."""
+        return cls(ckpt.resolve_run(path), device, precision)
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
 
     @property
     def num_latent_actions(self) -> int:
         return self.lam_cfg.model.num_actions
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        return autocast(self.device, self.precision)
 
     def fast_weights(self) -> "WorldModel":
         """Keep the tokenizer's and dynamics model's matrices in bf16 (where it computes in bf16): autocast

@@ -16,7 +16,7 @@ from procgenie.bench import matmul_flops_per_s, prepare, time_training
 
 preset, stage = sys.argv[1], sys.argv[2]
 stages, dev = prepare(preset, sys.argv[3:])
-bf16 = stages[stage].train.bf16
+bf16 = stages[stage].train.precision == "bf16"  # prepare() resolved "auto"
 peak, n = matmul_flops_per_s(dev, torch.bfloat16 if bf16 else torch.float32, 3)
 if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()

@@ -54,18 +54,18 @@ def test_fp32_precision_times_every_part_without_bf16(tiny_run, monkeypatch):
     seen = {}
     real_load = B.load_world
 
-    def load(checkpoint, device, bf16=None):
-        seen["play_bf16"] = bf16
-        return real_load(checkpoint, device, bf16)
+    def load(checkpoint, device, precision="auto"):
+        seen["play"] = precision
+        return real_load(checkpoint, device, precision)
 
     monkeypatch.setattr(B, "load_world", load)
     r = B.bench(str(tiny_run), seconds=0.2, preset="tiny", precision="fp32")
-    assert r["precision"] == "fp32" and seen["play_bf16"] is False
+    assert r["precision"] == "fp32" and seen["play"] == "fp32"
     assert all(_positive(v) for v in r["train_frames_per_s"].values())
 
 
 def test_unknown_precision_is_a_user_error():
-    with pytest.raises(UserError, match="--precision must be bf16 or fp32"):
+    with pytest.raises(UserError, match="precision must be one of auto, bf16, fp32"):
         B.bench(precision="fp16")
 
 

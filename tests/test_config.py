@@ -25,9 +25,9 @@ def test_seed_preset_matches_the_original_config():
 
 def test_overrides_reach_model_and_train_fields():
     s = C.preset("cpu")
-    C.apply_overrides(s, ["width=128", "train.lr=3e-4", "bf16=false", "fsq_levels=8,8,8"], ("tokenizer",))
+    C.apply_overrides(s, ["width=128", "train.lr=3e-4", "precision=fp32", "fsq_levels=8,8,8"], ("tokenizer",))
     assert s["tokenizer"].model.width == 128 and s["tokenizer"].train.lr == 3e-4
-    assert s["tokenizer"].train.bf16 is False and s["tokenizer"].model.fsq_levels == (8, 8, 8)
+    assert s["tokenizer"].train.precision == "fp32" and s["tokenizer"].model.fsq_levels == (8, 8, 8)
     assert s["lam"].model.width == C.preset("cpu")["lam"].model.width  # other stages untouched
 
 
@@ -43,7 +43,8 @@ def test_stage_prefixed_keys_pick_one_stage_under_all():
     ("nosuchkey=1", "unknown --set key 'nosuchkey'"),
     ("width=wide", "expected an integer"),
     ("lr=nan", "expected a finite number"),
-    ("bf16=maybe", "expected true or false"),
+    ("deterministic=maybe", "expected true or false"),
+    ("precision=fp16", "train.precision must be auto, bf16 or fp32"),
     ("width", "key=value"),
     ("heads=3", "divisible by heads"),
     ("quantizer=pq", "'fsq' or 'vq'"),

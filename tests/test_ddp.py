@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: 2 CPU ranks (gloo) give one process's losses, and resume
 works with another number of ranks.
 
-fp32 (bf16=false) makes the comparison tight: the two layouts differ only in the order of sums.
+fp32 (precision=fp32) makes the comparison tight: the two layouts differ only in the order of sums.
 The dynamics stage draws its masks per micro-batch of global rows, so one process with
 grad_accum=2 and 2 ranks with grad_accum=1 see the same masks as well as the same clips.
 """
@@ -16,7 +16,7 @@ import pytest
 
 from conftest import run_cli
 
-SETTINGS = ["workers=0", "log_every=1", "bf16=false"]
+SETTINGS = ["workers=0", "log_every=1", "precision=fp32"]
 RTOL = 1e-5  # fp32 with another summation order: ~1e-7 measured
 
 
