@@ -35,6 +35,26 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     _fsync_dir(path.parent)
 
 
+# The folder locks this process holds (their fds). A forked child (a DataLoader worker, a collector worker)
+# shares each lock's open file, and flock holds a lock while any process keeps it open: a worker orphaned by a
+# SIGKILL of its parent kept the folder locked for about 30 s, and an immediate rerun was refused. Every
+# forked child closes its copies at once, so a lock lives exactly as long as the process that took it.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextmanager
 def exclusive(folder: str | os.PathLike, doing: str) -> Iterator[None]:
     """Hold an advisory lock on `folder` (made if missing) while the block runs, or stop at once if another
@@ -52,8 +72,10 @@ def exclusive(folder: str | os.PathLike, doing: str) -> Iterator[None]:
         except BlockingIOError:
             raise UserError(f"another process is {doing}: wait for it to finish, or stop it (a rerun resumes "
                             "where it stopped)") from None
+        _HELD.add(fd)
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # releases the lock
 
 

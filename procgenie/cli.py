@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from procgenie.errors import UserError
+from procgenie.errors import Stopped, UserError
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"procgenie {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"procgenie {args.command}: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"procgenie {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130

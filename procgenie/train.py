@@ -20,6 +20,8 @@ import ctypes.util
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -35,7 +37,7 @@ from procgenie import config as C
 from procgenie.atomic import exclusive, remove_stale_tmp, write_bytes_atomic
 from procgenie.data.loader import ClipSampler, batches
 from procgenie.data.store import Dataset
-from procgenie.errors import UserError
+from procgenie.errors import Stopped, UserError
 from procgenie.models import build_for_training, check_data, write_action_map
 from procgenie.nn.blocks import STTransformer
 from procgenie.precision import autocast, resolve
@@ -123,6 +125,15 @@ def _mean_across_ranks(values: dict, device) -> dict:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
+def _any_rank(flag: bool, device) -> bool:
+    """Is `flag` true on any rank? (A signal may reach one rank first; all must stop at the same step.)"""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def _finite_everywhere(ok: bool, device) -> bool:
     """Is `ok` (the loss is finite) true on every rank? All ranks must stop together, or the others wait forever."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -168,6 +179,32 @@ def make_optimizer(model: torch.nn.Module, t: C.TrainConfig, device) -> torch.op
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+class StopSignals:
+    """While active, SIGTERM (preemption: SLURM, Kubernetes) and SIGINT (Ctrl-C) only note the signal, so the
+    loop can finish the step in flight and checkpoint it; a second SIGINT interrupts at once (every write is
+    atomic either way). Outside the main thread (where handlers cannot be set) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_dir: Path, device,
         rank: int = 0, world: int = 1, quiet: bool = False) -> dict:
     """Train `model` to sc.train.steps, resuming from stage_dir/state.safetensors if there is one."""
@@ -203,7 +240,9 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
     saved = start  # the step of the checkpoint on disk
     tic, tic_step = time.perf_counter(), start
     model.train()
+    stop = StopSignals()
     try:
+        stop.__enter__()
         for step, batch in enumerate(batches(sampler, start, t.steps, workers=t.workers,
                                              pin_memory=device.type == "cuda"), start):
             for g in opt.param_groups:
@@ -234,7 +273,14 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
                     raise _diverged(sc.stage, step, saved, t)
                 _checkpoint(model, opt, done, stage_dir, rank)
                 saved = done
+            if _any_rank(stop.signum is not None, device) and done < t.steps:
+                if saved != done:
+                    _checkpoint(model, opt, done, stage_dir, rank)
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
+                raise Stopped(f"stopped by {name} at step {done} of {t.steps}; checkpoint saved in {stage_dir}: "
+                              "rerun the same command to resume", 128 + (stop.signum or signal.SIGTERM))
     finally:
+        stop.__exit__()
         bar.close()
         if log:
             log.close()

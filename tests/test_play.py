@@ -221,3 +221,10 @@ def test_a_browser_plays_pauses_steps_records_and_resets(server):
         finally:
             browser.close()
     wait_for(lambda: sessions(server) == 0, what="the page's session to be freed")
+
+
+@pytest.mark.parametrize("decode, own, asked, want", [("mean", 2, None, 1), ("sample", 8, None, 2),
+                                                      ("sample", 1, None, 1), ("mean", 2, 3, 3)])
+def test_play_decodes_expected_level_codes_in_one_round(decode, own, asked, want):
+    wm = SimpleNamespace(dyn_cfg=SimpleNamespace(model=SimpleNamespace(decode=decode, maskgit_steps=own)))
+    assert play.play_maskgit_steps(wm, asked) == want

@@ -136,6 +136,44 @@ def test_tokenizer_killed_resumes_to_the_unbroken_weights(reference, coinrun_dat
     assert_finished_cleanly(run / "tokenizer")
 
 
+@pytest.mark.slow
+def test_an_immediate_rerun_after_sigkill_resumes_though_a_loader_worker_outlived_the_trainer(
+        reference, coinrun_data, tmp_path):
+    run = tmp_path / "run"
+    args = [*train_args("tokenizer", coinrun_data, run), "workers=1"]   # a forked DataLoader worker
+    kill_when(args, lambda _: (run / "tokenizer" / "state.safetensors").exists())
+    run_cli(*args)  # at once: the orphaned worker must not hold the folder's lock
+    assert_same_weights(run / "tokenizer" / "model.safetensors", reference / "tokenizer" / "model.safetensors")
+    assert_finished_cleanly(run / "tokenizer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
+def test_a_signal_checkpoints_the_step_in_flight_and_the_rerun_ends_at_the_unbroken_weights(
+        reference, coinrun_data, tmp_path, sig):
+    run = tmp_path / "run"
+    args = train_args("tokenizer", coinrun_data, run)
+    proc = subprocess.Popen([sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and lines(run / "tokenizer" / "log.jsonl") < 3:
+        time.sleep(0.002)
+    t0 = time.perf_counter()
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    took = time.perf_counter() - t0
+    assert proc.returncode == 128 + sig, err[-2000:]
+    said = err.strip().splitlines()[-1]                              # after the progress bar's last line
+    assert took < 10 and said.startswith(f"procgenie train: stopped by {signal.Signals(sig).name}") and \
+        said.endswith("rerun the same command to resume"), err[-2000:]
+    with safe_open(str(run / "tokenizer" / "state.safetensors"), "pt") as f:
+        step = json.loads(f.metadata()["json"])["step"]
+    assert 3 <= step < 40 and f"at step {step} of 40" in said         # the step in flight, not the last 5-step save
+    run_cli(*args)
+    assert_same_weights(run / "tokenizer" / "model.safetensors", reference / "tokenizer" / "model.safetensors")
+    assert_finished_cleanly(run / "tokenizer")
+
+
 DYNAMICS_KILLS = [("log", 9), ("torn", "state.safetensors", 3), ("before", "state.safetensors", 8)]
 
 

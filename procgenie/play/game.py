@@ -38,9 +38,9 @@ def play_maskgit_steps(wm, asked: int | None) -> int:
     """MaskGIT rounds per played frame: `asked`, else one for a model that picks codes by expected level
     (decode='mean'), else the smaller of PLAY_MASKGIT_STEPS and the model's own.
 
-    Expected-level codes need no second round: on the bundled model one round scored as two (test split, fp32:
-    step 1 / 10 26.2 / 19.1 dB vs 26.3 / 19.0, delta_psnr_t4 2.7 vs 2.5) and plays at 34 instead of 21 frames/s
-    on a 2-core AVX2 CPU (docs/benchmarks.md). A sampling model's single round would draw every code at once."""
+    Expected-level codes need no second round: on the bundled model one round scored as well as two on the
+    test split at about 1.5 times the frame rate (docs/benchmarks.md). A sampling model's single round would
+    draw every code at once, so it keeps two."""
     if asked is not None:
         return asked
     m = wm.dyn_cfg.model
