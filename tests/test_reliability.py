@@ -317,3 +317,27 @@ def test_a_second_process_cannot_train_or_collect_into_a_busy_folder_and_a_kille
         assert done.returncode == 0, done.stderr
     assert (run / "tokenizer" / "model.safetensors").exists()
     assert json.loads((data / "manifest.json").read_text())["shards"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, sig", [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-2-workers"])
+def test_a_signal_stops_collect_with_every_finished_episode_written(tmp_path, workers, sig):
+    out = tmp_path / "d"
+    args = collect_args(out, workers=workers)
+    proc = subprocess.Popen([sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and len(recorded(out)) < 2:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + sig, err[-2000:]
+    said = err.strip().splitlines()[-1]
+    have = sum(s["episodes"] for s in recorded(out))
+    assert said.startswith(f"procgenie collect: stopped by {signal.Signals(sig).name} with {have} of 120 episodes")
+    assert 0 < have < 120 and not list(out.glob(".*.tmp"))
+    run_cli(*args)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(s["episodes"] for s in manifest["shards"]) == 120  # nothing lost, nothing twice
+    assert run_cli("data", "validate", str(out)).returncode == 0

@@ -13,10 +13,12 @@ import errno
 import io
 import multiprocessing as mp
 import os
+import signal
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 from tqdm import tqdm
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from procgenie.atomic import exclusive, remove_stale_tmp
 from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
-from procgenie.errors import UserError
+from procgenie.errors import Stopped, UserError
 
 PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
                  "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
@@ -40,8 +42,28 @@ def make_env(env: str, num: int, start_level: int, num_levels: int, seed: int, d
                           rand_seed=seed, distribution_mode=distribution_mode, num_threads=0)
 
 
+# SIGTERM or SIGINT noted in this process: a worker then writes the episodes it finished and stops.
+_STOP: dict = {"signum": None}
+
+
+def _note_stop(signum, frame) -> None:
+    _STOP["signum"] = signum
+
+
+def _catch_stop() -> dict:
+    """Note SIGTERM and SIGINT instead of dying; returns the old handlers, for `_restore`."""
+    _STOP["signum"] = None
+    return {s: signal.signal(s, _note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(old: dict) -> None:
+    for s, handler in old.items():
+        signal.signal(s, handler)
+
+
 def _worker(args: dict, worker: int, session: int, quota: int, send) -> None:
     """Collect `quota` episodes and write them as shards; `send` reports progress to the main process.
+    On SIGTERM or SIGINT (`_STOP`) the finished episodes go into shards too, and the unfinished are dropped.
 
     Frames go from Procgen into per-environment episode buffers (one vectorised copy per step), then
     once into their split's shard; shards are written by a background thread while play goes on.
@@ -77,15 +99,22 @@ def _worker(args: dict, worker: int, session: int, quota: int, send) -> None:
         done += 1
         send(("episode", L))
         if sum(len(e["frames"]) for e in pending[split]) >= shard_frames or done == quota:
-            for sp in (store.SPLITS if done == quota else (split,)):
-                if pending[sp]:
-                    name = f"{sp}-s{session:03d}-w{worker:02d}-{shards:05d}"
-                    writes.append(writer.submit(store.write_shard, root, name, sp, pending[sp]))
-                    pending[sp], shards = [], shards + 1
-        while writes and (writes[0].done() or done == quota):
+            flush((split,))
+
+    def flush(splits, wait: bool = False) -> None:
+        nonlocal shards
+        for sp in (store.SPLITS if done == quota else splits):
+            if pending[sp]:
+                name = f"{sp}-s{session:03d}-w{worker:02d}-{shards:05d}"
+                writes.append(writer.submit(store.write_shard, root, name, sp, pending[sp]))
+                pending[sp], shards = [], shards + 1
+        while writes and (writes[0].done() or done == quota or wait):
             send(("shard", writes.pop(0).result()))  # in order, so the manifest grows in order
 
     while done < quota:
+        if _STOP["signum"] is not None:
+            flush(store.SPLITS, wait=True)
+            break
         live = ~skip
         frames[rows[live], length[live]] = obs["rgb"][live]  # the frames the actions are taken at
         act = policy.act()
@@ -119,6 +148,7 @@ def _worker_process(args, worker, session, quota, queue) -> None:
         queue.put(msg)
 
     try:
+        _catch_stop()  # the main process forwards SIGTERM; a terminal's Ctrl-C reaches every process
         _worker(args, worker, session, quota, send)
         queue.put(("done", worker))
     except OSError as e:
@@ -196,13 +226,20 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
                 manifest["shards"].append(payload)
                 store.write_manifest(root, manifest)
 
+        old = _catch_stop()
         try:
             if workers == 1:
                 _worker(args, 0, session, quotas[0], on_message)
             else:
                 _run_processes(args, session, quotas, on_message)
         finally:
+            _restore(old)
             bar.close()
+        if _STOP["signum"] is not None:
+            have = sum(s["episodes"] for s in manifest["shards"])
+            name = signal.Signals(_STOP["signum"]).name
+            raise Stopped(f"stopped by {name} with {have} of {episodes} episodes written to {root}: rerun the same "
+                          "command to continue", 128 + _STOP["signum"])
         end = time.perf_counter()
         seconds, startup = end - start, (max(started) if started else end) - start
         result = {"episodes": todo, "frames": frames, "seconds": seconds, "startup_s": startup,
@@ -221,9 +258,23 @@ def _run_processes(args: dict, session: int, quotas: list[int], on_message) -> N
     for p in procs:
         p.start()
     running = len(procs)
+    forwarded = False
     try:
         while running:
-            msg = queue.get()
+            if _STOP["signum"] is not None and not forwarded:  # each worker writes what it finished, then stops
+                for p in procs:
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGTERM)
+                forwarded = True
+            try:
+                msg = queue.get(timeout=0.2)
+            except Empty:  # look at the stop flag again; a worker stopped before it could answer says nothing
+                if not any(p.is_alive() for p in procs):
+                    if _STOP["signum"] is not None:
+                        break
+                    raise RuntimeError("a collect worker exited before finishing its episodes: rerun the same "
+                                       "command to continue")
+                continue
             if msg[0] == "done":
                 running -= 1
             elif msg[0] == "error":
