@@ -30,7 +30,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def server(tiny_run):
     """The play server with the tiny run, on a free port, its event loop in a thread of this process."""
     from procgenie.world import WorldModel
-    hub = play.Hub(WorldModel.from_pretrained(tiny_run, device="cpu"), level=0, max_sessions=2)
+    hub = play.Hub(WorldModel.from_pretrained(tiny_run, device="cpu"), level=0, max_sessions=4)
     sock = play.listen("127.0.0.1", 0)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(play.make_app(hub))
@@ -145,17 +145,19 @@ def test_an_oversized_frame_closes_only_that_connection(server):
 def test_connections_are_bounded_and_freed(server):
     async def go():
         async with aiohttp.ClientSession() as http:
-            a = await http.ws_connect(server.url + "/ws")
-            b = await http.ws_connect(server.url + "/ws")
-            await _next(a, "frame")
-            await _next(b, "frame")
-            assert sessions(server) == 2
-            c = await http.ws_connect(server.url + "/ws")
-            assert "full" in (await _next(c))["message"]
-            await a.close()
-            wait_for(lambda: sessions(server) == 1, what="a freed session")
-            await b.close()
-            await c.close()
+            four = [await http.ws_connect(server.url + "/ws") for _ in range(4)]
+            for ws in four:  # four players at once: each gets frames, twice
+                await _next(ws, "frame")
+                await _next(ws, "frame")
+            assert sessions(server) == 4
+            fifth = await http.ws_connect(server.url + "/ws")
+            assert "full" in (await _next(fifth))["message"]
+            await four[0].send_str(json.dumps({"type": "input", "right": True}))
+            assert (await _next(four[0], "frame"))[0]                 # the others play on
+            await four[0].close()
+            wait_for(lambda: sessions(server) == 3, what="a freed session")
+            for ws in (*four[1:], fifth):
+                await ws.close()
     asyncio.run(go())
     wait_for(lambda: sessions(server) == 0, what="every session to be freed")
 
