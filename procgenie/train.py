@@ -21,7 +21,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -41,6 +40,7 @@ from procgenie.errors import Stopped, UserError
 from procgenie.models import build_for_training, check_data, write_action_map
 from procgenie.nn.blocks import STTransformer
 from procgenie.precision import autocast, resolve
+from procgenie.stopping import StopSignals
 
 # Fields that may change when a run is resumed; any other difference means another experiment. The
 # speed and memory knobs are among them: a run may resume on other hardware (grad_accum keeps the global
@@ -177,32 +177,6 @@ def make_optimizer(model: torch.nn.Module, t: C.TrainConfig, device) -> torch.op
             (decay if p.dim() >= 2 and "codebook" not in name and "pos_" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-class StopSignals:
-    """While active, SIGTERM (preemption: SLURM, Kubernetes) and SIGINT (Ctrl-C) only note the signal, so the
-    loop can finish the step in flight and checkpoint it; a second SIGINT interrupts at once (every write is
-    atomic either way). Outside the main thread (where handlers cannot be set) it does nothing."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict = {}
-
-    def _note(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._note) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_dir: Path, device,

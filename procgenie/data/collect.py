@@ -27,6 +27,7 @@ from procgenie.atomic import exclusive, remove_stale_tmp
 from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
 from procgenie.errors import Stopped, UserError
+from procgenie.stopping import StopSignals
 
 PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
                  "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
@@ -42,28 +43,9 @@ def make_env(env: str, num: int, start_level: int, num_levels: int, seed: int, d
                           rand_seed=seed, distribution_mode=distribution_mode, num_threads=0)
 
 
-# SIGTERM or SIGINT noted in this process: a worker then writes the episodes it finished and stops.
-_STOP: dict = {"signum": None}
-
-
-def _note_stop(signum, frame) -> None:
-    _STOP["signum"] = signum
-
-
-def _catch_stop() -> dict:
-    """Note SIGTERM and SIGINT instead of dying; returns the old handlers, for `_restore`."""
-    _STOP["signum"] = None
-    return {s: signal.signal(s, _note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore(old: dict) -> None:
-    for s, handler in old.items():
-        signal.signal(s, handler)
-
-
-def _worker(args: dict, worker: int, session: int, quota: int, send) -> None:
+def _worker(args: dict, worker: int, session: int, quota: int, send, stop: StopSignals) -> None:
     """Collect `quota` episodes and write them as shards; `send` reports progress to the main process.
-    On SIGTERM or SIGINT (`_STOP`) the finished episodes go into shards too, and the unfinished are dropped.
+    On SIGTERM or SIGINT (`stop.signum`) the finished episodes go into shards too, and the unfinished are dropped.
 
     Frames go from Procgen into per-environment episode buffers (one vectorised copy per step), then
     once into their split's shard; shards are written by a background thread while play goes on.
@@ -112,7 +94,7 @@ def _worker(args: dict, worker: int, session: int, quota: int, send) -> None:
             send(("shard", writes.pop(0).result()))  # in order, so the manifest grows in order
 
     while done < quota:
-        if _STOP["signum"] is not None:
+        if stop.signum is not None:
             flush(store.SPLITS, wait=True)
             break
         live = ~skip
@@ -148,8 +130,8 @@ def _worker_process(args, worker, session, quota, queue) -> None:
         queue.put(msg)
 
     try:
-        _catch_stop()  # the main process forwards SIGTERM; a terminal's Ctrl-C reaches every process
-        _worker(args, worker, session, quota, send)
+        with StopSignals() as stop:  # the main process forwards SIGTERM; a terminal's Ctrl-C reaches every process
+            _worker(args, worker, session, quota, send, stop)
         queue.put(("done", worker))
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the user's to fix: the main process names it in one line
@@ -226,20 +208,18 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
                 manifest["shards"].append(payload)
                 store.write_manifest(root, manifest)
 
-        old = _catch_stop()
         try:
-            if workers == 1:
-                _worker(args, 0, session, quotas[0], on_message)
-            else:
-                _run_processes(args, session, quotas, on_message)
+            with StopSignals() as stop:
+                if workers == 1:
+                    _worker(args, 0, session, quotas[0], on_message, stop)
+                else:
+                    _run_processes(args, session, quotas, on_message, stop)
         finally:
-            _restore(old)
             bar.close()
-        if _STOP["signum"] is not None:
+        if stop.signum is not None:
             have = sum(s["episodes"] for s in manifest["shards"])
-            name = signal.Signals(_STOP["signum"]).name
-            raise Stopped(f"stopped by {name} with {have} of {episodes} episodes written to {root}: rerun the same "
-                          "command to continue", 128 + _STOP["signum"])
+            raise Stopped(f"stopped by {signal.Signals(stop.signum).name} with {have} of {episodes} episodes written "
+                          f"to {root}: rerun the same command to continue", 128 + stop.signum)
         end = time.perf_counter()
         seconds, startup = end - start, (max(started) if started else end) - start
         result = {"episodes": todo, "frames": frames, "seconds": seconds, "startup_s": startup,
@@ -250,7 +230,7 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
         return result
 
 
-def _run_processes(args: dict, session: int, quotas: list[int], on_message) -> None:
+def _run_processes(args: dict, session: int, quotas: list[int], on_message, stop: StopSignals) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue(maxsize=1024)
     procs = [ctx.Process(target=_worker_process, args=(args, w, session, q, queue), daemon=True)
@@ -261,7 +241,7 @@ def _run_processes(args: dict, session: int, quotas: list[int], on_message) -> N
     forwarded = False
     try:
         while running:
-            if _STOP["signum"] is not None and not forwarded:  # each worker writes what it finished, then stops
+            if stop.signum is not None and not forwarded:  # each worker writes what it finished, then stops
                 for p in procs:
                     if p.is_alive():
                         os.kill(p.pid, signal.SIGTERM)
@@ -270,7 +250,7 @@ def _run_processes(args: dict, session: int, quotas: list[int], on_message) -> N
                 msg = queue.get(timeout=0.2)
             except Empty:  # look at the stop flag again; a worker stopped before it could answer says nothing
                 if not any(p.is_alive() for p in procs):
-                    if _STOP["signum"] is not None:
+                    if stop.signum is not None:
                         break
                     raise RuntimeError("a collect worker exited before finishing its episodes: rerun the same "
                                        "command to continue")
