@@ -80,7 +80,8 @@ def _bench(a) -> None:
 
 
 def _precision_arg(parser, what: str, default: str | None = "auto") -> None:
-    parser.add_argument("--precision", default=default, choices=("auto", "bf16", "fp32"),
+    from procgenie.config import PRECISIONS
+    parser.add_argument("--precision", default=default, choices=PRECISIONS,
                         help=f"compute precision to {what}: auto picks bf16 only where this device computes it "
                              f"faster than fp32 (CPUs without bf16 instructions emulate it 100x slower)"
                              + ("" if default is None else " (default auto)"))

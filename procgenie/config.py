@@ -16,6 +16,7 @@ from procgenie.errors import UserError
 
 STAGES = ("tokenizer", "lam", "dynamics")
 PRESETS = ("tiny", "cpu", "seed", "genie")
+PRECISIONS = ("auto", "bf16", "fp32")  # what each means: procgenie/precision.py
 
 
 def _f(default, help: str):
@@ -274,7 +275,7 @@ def validate(sc: StageConfig) -> None:
         raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
     if m.seq_len < 2 and sc.stage != "tokenizer":
         raise UserError(f"{sc.stage}: seq_len must be at least 2")
-    if t.precision not in ("auto", "bf16", "fp32"):
+    if t.precision not in PRECISIONS:
         raise UserError(f"{sc.stage}: train.precision must be auto, bf16 or fp32, not '{t.precision}'")
     if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}")

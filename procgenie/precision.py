@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from procgenie.config import PRECISIONS
 from procgenie.errors import UserError
 
-PRECISIONS = ("auto", "bf16", "fp32")
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _decided: dict[str, str] = {}
 
