@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default=None, choices=PRESETS,
                    help="tiny | cpu | seed | genie (default cpu, or the run's own on resume)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
-    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields (see below)")
+    t.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", help="override config fields (see below)")
     _precision_arg(t, "train (saved in the run's config; default: the preset's, auto)", default=None)
     t.set_defaults(fn=_train)
 
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
     b.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (default 10)")
     b.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps for play (default: play's)")
-    b.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    b.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the preset's config fields for the timed training (as `train --set`)")
     _precision_arg(b, "train, time the matmul peak and play")
     b.set_defaults(fn=_bench)
