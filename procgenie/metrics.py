@@ -48,3 +48,46 @@ def nmi(x: np.ndarray, y: np.ndarray) -> float:
         return 0.0
     mi = hx + hy - entropy(joint.ravel())
     return float(max(0.0, mi) / ((hx + hy) / 2))
+
+
+def pooled_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """PSNR of the mean squared error over the first axis (clips) of uint8 (K, ..., H, W, C); shape (...).
+
+    A clip whose frame equals the truth adds 0 to the mean instead of a capped 100 dB to a mean of dBs."""
+    x = torch.from_numpy(np.asarray(a)).double() / 255.0
+    y = torch.from_numpy(np.asarray(b)).double() / 255.0
+    mse = (x - y).pow(2).flatten(-3).mean(-1).mean(0).clamp(min=1e-10)
+    return (-10 * mse.log10()).numpy()
+
+
+def camera_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 6) -> np.ndarray:
+    """The integer translation (dx, dy) in [-max_shift, max_shift]^2 that best maps frame a onto frame b: the
+    least mean squared error of b[y, x] against a[y - dy, x - dx] over the overlap. uint8 (..., H, W, C) pairs ->
+    int (..., 2). Content moving right gives dx > 0, down dy > 0 (CoinRun's camera follows the player, so the
+    level moves against the player's motion)."""
+    x = torch.from_numpy(np.asarray(a).reshape(-1, *np.asarray(a).shape[-3:])).float()
+    y = torch.from_numpy(np.asarray(b).reshape(-1, *np.asarray(b).shape[-3:])).float()
+    H, W = x.shape[1:3]
+    r = range(-max_shift, max_shift + 1)
+    err = torch.empty(x.shape[0], len(r), len(r))
+    for i, dy in enumerate(r):
+        for j, dx in enumerate(r):
+            src = x[:, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)]
+            dst = y[:, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+            err[:, i, j] = (dst - src).pow(2).flatten(1).mean(1)
+    best = err.flatten(1).argmin(1)
+    dy, dx = best // len(r) - max_shift, best % len(r) - max_shift
+    # A still pair (or a flat screen) ties every shift at 0 error: prefer no shift.
+    still = err[:, max_shift, max_shift] <= err.flatten(1).min(1).values
+    dx, dy = dx.masked_fill(still, 0), dy.masked_fill(still, 0)
+    return torch.stack([dx, dy], -1).numpy().reshape(*np.asarray(a).shape[:-3], 2)
+
+
+def motion_error(dream: np.ndarray, real: np.ndarray, last_context: np.ndarray) -> np.ndarray:
+    """Per clip, how far the dream's camera goes wrong: the frame-to-frame shifts (camera_shift) from the last
+    context frame through the horizon, summed, |dx| + |dy| of the dream's total minus the real video's.
+    dream, real uint8 (K, H, S, S, 3); last_context (K, S, S, 3) -> (K,) pixels."""
+    def total(frames):
+        seq = np.concatenate([last_context[:, None], frames], 1)
+        return camera_shift(seq[:, :-1], seq[:, 1:]).sum(1)                # (K, 2)
+    return np.abs(total(dream) - total(real)).sum(-1).astype(np.float64)

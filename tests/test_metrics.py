@@ -42,3 +42,33 @@ def test_nmi_known_cases():
     assert M.nmi(x, np.zeros_like(x)) == 0.0
     rng = np.random.default_rng(0)
     assert M.nmi(rng.integers(0, 8, 20000), rng.integers(0, 15, 20000)) < 0.01
+
+
+def test_pooled_psnr_averages_errors_not_decibels():
+    a, b = _pairs(3)                                       # (3, 64, 64, 3)
+    truth = np.stack([a, a])[:, :, None]                   # (2 clips, 3 steps, 1, ...)
+    dream = np.stack([a, b])[:, :, None]                   # clip 0 exact (PSNR's cap), clip 1 noisy
+    per_clip = M.psnr(dream, truth)
+    assert (per_clip[0] == 100).all()
+    mse = ((b / 255.0 - a / 255.0) ** 2).reshape(3, -1).mean(1)
+    assert M.pooled_psnr(dream, truth).shape == (3, 1)
+    assert np.allclose(M.pooled_psnr(dream, truth)[:, 0], -10 * np.log10(mse / 2))
+
+
+@pytest.mark.parametrize("dx, dy", [(3, 0), (-2, 1), (0, -5), (6, 6)])
+def test_camera_shift_recovers_a_translation_and_prefers_none_on_a_tie(dx, dy):
+    rng = np.random.default_rng(abs(dx * 13 + dy))
+    a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    b = np.roll(np.roll(a, dy, axis=0), dx, axis=1)        # content moves right by dx, down by dy
+    assert M.camera_shift(a, b).tolist() == [dx, dy]
+    flat = np.full((2, 64, 64, 3), 90, np.uint8)
+    assert M.camera_shift(flat, flat).tolist() == [[0, 0], [0, 0]]
+
+
+def test_motion_error_sums_shifts_over_the_horizon():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    real = np.stack([base[:, 2 * t:2 * t + 64] for t in range(5)])[None]   # (1, 5, 64, 64, 3): scrolls 2 px a frame
+    still = np.repeat(real[:, :1], 4, 1)
+    assert M.motion_error(real[:, 1:], real[:, 1:], real[:, 0]).tolist() == [0.0]
+    assert M.motion_error(still, real[:, 1:], real[:, 0]).tolist() == [8.0]  # 4 steps of 2 px missed
