@@ -173,20 +173,18 @@ def load_world(checkpoint: str | None, device, precision: str = "auto"):
 def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
     """Frames/s and latency percentiles of Session.step, batch 1, once the caches are full."""
     from procgenie.dream import context_length
-    from procgenie.play.server import play_maskgit_steps
-    from procgenie.world import Session
-    steps = play_maskgit_steps(wm, maskgit_steps)
+    steps = wm.play_steps(maskgit_steps)
     wm.fast_weights()  # as play runs it
     size = wm.image_size
     # (1, C, H, W, 3): as many context frames as play starts from; their content does not change the work.
     context = np.full((1, context_length(wm), size, size, 3), 128, np.uint8)
-    session = Session(wm, context, steps=steps, seed=0)
+    session = wm.play_session(context, steps=steps, seed=0)  # the dynamics model that play drives
     rng = np.random.default_rng(0)
 
     def one_frame():
-        session.step(torch.from_numpy(rng.integers(0, wm.num_latent_actions, 1)))  # returns numpy: synced
+        session.step(torch.from_numpy(rng.integers(0, session.dyn.A, 1)))  # returns numpy: synced
 
-    for _ in range(wm.dyn_cfg.model.seq_len):  # fill the dynamics and decoder caches to their window
+    for _ in range(wm.play_cfg.model.seq_len):  # fill the dynamics and decoder caches to their window
         one_frame()
     times = _time_calls(one_frame, wm.device, seconds, 10)
     ms = 1000 * np.array(times)

@@ -17,6 +17,13 @@ from procgenie.errors import UserError
 STAGES = ("tokenizer", "lam", "dynamics")
 PRESETS = ("tiny", "cpu", "seed", "genie")
 PRECISIONS = ("auto", "bf16", "fp32")  # what each means: procgenie/precision.py
+ACTION_KINDS = ("latent", "real")      # what a dynamics model is conditioned on
+REAL_ACTIONS = 15                      # Procgen's action count, for every game
+
+
+def stage_folder(stage: str, model) -> str:
+    """A stage's folder in a run: a dynamics model on real actions lives beside the latent one."""
+    return "dynamics-real" if stage == "dynamics" and getattr(model, "actions", "latent") == "real" else stage
 
 
 def _f(default, help: str):
@@ -66,8 +73,14 @@ class LAMConfig:
 
 @dataclass
 class DynamicsConfig:
-    """MaskGIT dynamics model over tokenizer tokens, conditioned on latent actions."""
+    """MaskGIT dynamics model over tokenizer tokens, conditioned on latent actions (Genie) or real ones."""
 
+    actions: str = _f("latent", "what conditions each frame: 'latent' (the LAM's actions, Genie; trained into "
+                                "RUN/dynamics) or 'real' (the dataset's Procgen actions; trained into "
+                                "RUN/dynamics-real, which play prefers)")
+    action_dropout: float = _f(0.1, "share of training frames whose real action is replaced by 'unknown' "
+                                    "(actions='real' only): lets generation start from context frames whose "
+                                    "actions nobody knows")
     width: int = _f(256, "transformer width")
     depth: int = _f(4, "ST-transformer blocks")
     heads: int = _f(4, "attention heads")
@@ -271,6 +284,10 @@ def validate(sc: StageConfig) -> None:
         raise UserError(f"{sc.stage}: continuous_frac must lie in [0, 1), got {m.continuous_frac}")
     if getattr(m, "decode", "sample") not in ("sample", "mean"):
         raise UserError(f"{sc.stage}: decode must be 'sample' or 'mean', not '{m.decode}'")
+    if getattr(m, "actions", "latent") not in ACTION_KINDS:
+        raise UserError(f"{sc.stage}: actions must be 'latent' or 'real', not '{m.actions}'")
+    if not 0 <= getattr(m, "action_dropout", 0) < 1:
+        raise UserError(f"{sc.stage}: action_dropout must lie in [0, 1), got {m.action_dropout}")
     if getattr(m, "action_cond", "token") not in ("token", "add"):
         raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
     if m.seq_len < 2 and sc.stage != "tokenizer":

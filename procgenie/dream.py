@@ -31,18 +31,20 @@ SCALE = 4             # nearest-neighbour upscale in the file
 MAX_STEPS = 10_000
 ACTIONS_HELP = (
     "Actions: comma-separated items, each NAME or ID, optionally *N to repeat it N times. NAME is a CoinRun "
-    f"action ({', '.join(REAL_ACTIONS)}; also jump, left-jump, right-jump), mapped to the latent action the "
-    "training data shows most often with it; ID is a latent action id 0..K-1 used as it is. The last action "
+    f"action ({', '.join(REAL_ACTIONS)}; also jump, left-jump, right-jump), sent as it is to a model on real actions, "
+    "else mapped to the latent action the training data shows most often with it; ID is a latent action id "
+    "0..K-1 (a model on real actions takes the key most often seen with it). The last action "
     "repeats if the list is shorter than --steps; a longer list is cut. Example: 'right*10,right-up*5,left*3' "
     f"or '3,3,1'. Default: '{DEFAULT_ACTIONS}' repeated. The file holds the context frames, then --steps dreamed "
     "frames.")
 _ITEM = re.compile(r"^(?P<what>[a-z-]+|\d+)(?:\*(?P<n>\d+))?$")
 
 
-def parse_actions(text: str | None, steps: int, num_latent: int, to_latent) -> list[int]:
-    """Latent action ids, exactly `steps` of them, from an --actions string (see ACTIONS_HELP).
+def parse_actions(text: str | None, steps: int, num_latent: int, to_latent, from_latent=None) -> list[int]:
+    """The model's action ids, exactly `steps` of them, from an --actions string (see ACTIONS_HELP).
 
-    `to_latent(real_action_id) -> latent id` maps CoinRun names (WorldModel.latent_for_real_action).
+    `to_latent(real_action_id)` maps CoinRun names (WorldModel.latent_for_real_action); for a model on real
+    actions pass `to_latent=None` (names are the ids themselves) and `from_latent(latent id) -> real id`.
     """
     pattern = text is None
     items = [s.strip().lower() for s in (DEFAULT_ACTIONS if pattern else text).split(",")]
@@ -59,9 +61,9 @@ def parse_actions(text: str | None, steps: int, num_latent: int, to_latent) -> l
             if int(what) >= num_latent:
                 raise UserError(f"--actions: latent action {what} does not exist: this model has ids "
                                 f"0..{num_latent - 1}")
-            latent = int(what)
+            latent = int(what) if from_latent is None else int(from_latent(int(what)))
         elif what in ACTION_IDS:
-            latent = to_latent(ACTION_IDS[what])
+            latent = ACTION_IDS[what] if to_latent is None else to_latent(ACTION_IDS[what])
         else:
             raise UserError(f"--actions: unknown action '{what}': use a latent id 0..{num_latent - 1} or one of "
                             f"{', '.join(ACTION_IDS)}")
@@ -94,7 +96,7 @@ def start_frames(level: int, frames: int, env_name: str = "coinrun", seed: int =
 
 def context_length(wm) -> int:
     # The dynamics model attends to seq_len - 1 past frames; more context than that is never seen.
-    return max(1, min(CONTEXT, wm.dyn_cfg.model.seq_len - 1))
+    return max(1, min(CONTEXT, wm.play_cfg.model.seq_len - 1))
 
 
 def upscale(frames: np.ndarray, k: int = SCALE) -> np.ndarray:
@@ -137,7 +139,7 @@ def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, lev
     import torch
 
     from procgenie.data.store import split_of
-    from procgenie.world import Session, WorldModel
+    from procgenie.world import WorldModel
     path = Path(out)
     suffix = path.suffix.lower()
     if suffix not in (".gif", ".mp4"):
@@ -150,12 +152,18 @@ def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, lev
         raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
     level = 0 if level is None else level
     wm = WorldModel.from_pretrained(checkpoint, precision=precision)
-    latents = parse_actions(actions, steps, wm.num_latent_actions, wm.latent_for_real_action)
+    if wm.play_kind == "real":  # names are the keys themselves; a latent id stands for its most usual key
+        from procgenie.models import read_action_map
+        from procgenie.play.protocol import real_for_latent
+        table = real_for_latent(read_action_map(wm.run_dir))
+        acts = parse_actions(actions, steps, wm.num_latent_actions, None, lambda k: table[k])
+    else:
+        acts = parse_actions(actions, steps, wm.num_latent_actions, wm.latent_for_real_action)
     C = context_length(wm)
-    env, context = start_frames(level, C, wm.env, seed)                               # (C, S, S, 3)
+    env, context = start_frames(level, C, wm.env, seed)                               # (C, S, S, 3), under no-ops
     env.close()
-    session = Session(wm, context[None], steps=maskgit_steps, seed=seed)
-    dreamed = [session.step(torch.tensor([a]))[0] for a in latents]                    # T x (S, S, 3)
+    session = wm.play_session(context[None], np.full((1, C - 1), NOOP), steps=maskgit_steps, seed=seed)
+    dreamed = [session.step(torch.tensor([a]))[0] for a in acts]                       # T x (S, S, 3)
     frames = np.concatenate([context, np.stack(dreamed)])                              # (C + steps, S, S, 3)
     video = np.concatenate([upscale(frames), timeline(len(frames), C, frames.shape[2] * SCALE)], axis=1)
     write_bytes_atomic(path, encode_video(video, suffix, fps))

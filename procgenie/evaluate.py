@@ -74,7 +74,7 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     C, H = context, horizon
     clips, real = test_clips(ds, episodes, C + H, seed)                       # (K, C+H, ...), (K, C+H-1)
     K = len(clips)
-    bar = tqdm(total=5, desc="eval", disable=quiet, dynamic_ncols=True)
+    bar = tqdm(total=6, desc="eval", disable=quiet, dynamic_ncols=True)
 
     # Tokenizer: round trip of every clip, and code usage.
     recon = _batched(wm.reconstruct, clips)
@@ -110,6 +110,16 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     rand = np.random.default_rng(seed + 1).integers(0, A, acts.shape)
     gen_rand = wm.generate(clips[:, :C], rand, steps=maskgit_steps, seed=seed)
     bar.update()
+    # Play: what a player gets, rollouts under the actions play sends for the clip's real keys (and the keys that
+    # led to the context frames), against random actions of the same kind.
+    keys = real[:, C - 1:C + H - 1]
+    gen_play = wm.play(clips[:, :C], keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
+    if wm.play_kind == "real":
+        play_rand = wm.play(clips[:, :C], np.random.default_rng(seed + 2).integers(0, 15, keys.shape), seed=seed,
+                            context_keys=real[:, :C - 1], steps=maskgit_steps)
+    else:
+        play_rand = wm.generate(clips[:, :C], rand, steps=wm.play_steps(maskgit_steps), seed=seed)
+    bar.update()
     # Teacher-forced single steps: each horizon frame from the C real frames before it.
     ctx = np.concatenate([clips[:, h:h + C] for h in range(H)])               # (H*K, C, ...)
     one = wm.generate(ctx, np.concatenate([latent[:, C + h - 1:C + h] for h in range(H)]),
@@ -123,19 +133,36 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     dynamics = {"context": C, "horizon": H, "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
                 "psnr_1step": float(M.psnr(one, truth_one).mean()), "ssim_1step": float(M.ssim(one, truth_one).mean()),
                 "psnr_by_step": psnr_by_step, "ssim_by_step": _per_step(M.ssim, gen, future),
-                "delta_psnr_t4": psnr_by_step[3] - psnr_rand[3]}
+                "delta_psnr_t4": psnr_by_step[3] - psnr_rand[3], "mean_psnr_over_horizon": float(np.mean(psnr_by_step)),
+                "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen, future)]}
     copy = np.repeat(clips[:, C - 1:C], H, axis=1)
+    # Moving clips: the real frame at the last step differs from the last context frame (CoinRun's still screens
+    # score the copy-last baseline at PSNR's cap).
+    moving = (future[:, -1] != clips[:, C - 1]).reshape(K, -1).any(1)
+    last = lambda a: float(M.psnr(a[moving, -1], future[moving, -1]).mean()) if moving.any() else float("nan")
+    dynamics["moving"] = {"clips": int(moving.sum()), "psnr_last_step": last(gen), "copy_last_last_step": last(copy)}
+    psnr_play, psnr_play_rand = _per_step(M.psnr, gen_play, future), _per_step(M.psnr, play_rand, future)
+    play = {"action_kind": wm.play_kind, "maskgit_steps": wm.play_steps(maskgit_steps), "psnr_by_step": psnr_play,
+            "delta_psnr_t4": psnr_play[3] - psnr_play_rand[3], "random_psnr_by_step": psnr_play_rand,
+            "mean_psnr_over_horizon": float(np.mean(psnr_play)),
+            "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen_play, future)],
+            "moving_psnr_last_step": last(gen_play),
+            "motion_error_px": float(M.motion_error(gen_play, future, clips[:, C - 1]).mean()),
+            "still_motion_error_px": float(M.motion_error(copy, future, clips[:, C - 1]).mean()),
+            "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean())}
     result = {
         "data": {"episodes": K, "frames": int(K * (C + H))},
-        "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics,
-        "baseline_copy_last": {"psnr_by_step": _per_step(M.psnr, copy, future)},
+        "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics, "play": play,
+        "baseline_copy_last": {"psnr_by_step": _per_step(M.psnr, copy, future),
+                               "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(copy, future)]},
         "random_actions": {"psnr_by_step": psnr_rand},
         "run": {"checkpoint": str(wm.run_dir), "data": str(ds.root), "seed": seed, "device": str(wm.device),
                 "precision": wm.precision, "seconds": time.perf_counter() - t0},
     }
     write_json_atomic(out_dir / "metrics.json", result)
     from procgenie.report import write_report
-    write_report(out_dir, result, clips=clips, recon=recon, gen=gen, gen_rand=gen_rand, one=(ctx[:, -1], one, truth_one),
+    write_report(out_dir, result, clips=clips, recon=recon, gen=gen, gen_rand=gen_rand, gen_play=gen_play,
+                 one=(ctx[:, -1], one, truth_one),
                  code_hist=code_hist, confusion=confusion)
     if not quiet:
         d = dynamics
@@ -144,6 +171,10 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
               f"{lam['nmi_real_actions']:.3f}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
               f"{psnr_by_step[-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
               f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}")
+        print(f"play ({play['action_kind']} actions): step {H} {psnr_play[-1]:.2f} dB, delta_psnr_t4 "
+              f"{play['delta_psnr_t4']:.2f}, moving clips' last step {play['moving_psnr_last_step']:.2f} (copy-last "
+              f"{dynamics['moving']['copy_last_last_step']:.2f}), camera error {play['motion_error_px']:.1f} px "
+              f"(never moving {play['still_motion_error_px']:.1f})")
         print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
     return result
 

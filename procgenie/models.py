@@ -40,19 +40,23 @@ def build(sc: C.StageConfig, links: dict | None = None) -> torch.nn.Module:
     tok, lam = (links or {}).get("tokenizer"), (links or {}).get("lam")
     if not tok or not lam:
         raise UserError("a dynamics config must name its tokenizer and LAM (links): retrain the dynamics stage")
-    return Dynamics(sc.model, tok["vocab"], tok["positions"], tok["codes_per_position"], lam["num_actions"],
+    actions = C.REAL_ACTIONS if sc.model.actions == "real" else lam["num_actions"]
+    return Dynamics(sc.model, tok["vocab"], tok["positions"], tok["codes_per_position"], actions,
                     tok.get("fsq_levels"))
 
 
-def load_stage(run_dir: Path, stage: str, device: torch.device) -> tuple[torch.nn.Module, C.StageConfig, dict]:
-    """A trained stage in eval mode, rebuilt from RUN/<stage>/config.json and model.safetensors."""
-    sc, extra = ckpt.read_config(run_dir / stage, stage)
+def load_stage(run_dir: Path, stage: str, device: torch.device, folder: str | None = None
+               ) -> tuple[torch.nn.Module, C.StageConfig, dict]:
+    """A trained stage in eval mode, rebuilt from RUN/<folder>/config.json and model.safetensors (the folder
+    defaults to the stage's name)."""
+    folder = folder or stage
+    sc, extra = ckpt.read_config(run_dir / folder, stage)
     tok = extra.get("links", {}).get("tokenizer")
     if tok and "fsq_levels" not in tok:  # runs before 2026-11-26 did not record them: their tokenizer's config has them
         tok_model = ckpt.read_config(run_dir / "tokenizer", "tokenizer")[0].model
         tok["fsq_levels"] = list(tok_model.fsq_levels) if tok_model.quantizer == "fsq" else None
     model = build(sc, extra.get("links"))
-    ckpt.load_weights(run_dir / stage / "model.safetensors", model)
+    ckpt.load_weights(run_dir / folder / "model.safetensors", model)
     return model.to(device).eval(), sc, extra
 
 

@@ -50,7 +50,7 @@ def frame_rows(path: Path, rows: list[tuple[str, np.ndarray]], titles: list[list
     _save(fig, path)
 
 
-def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist, confusion) -> None:
+def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist, confusion, gen_play=None) -> None:
     plt = _plt()
     C, H = m["dynamics"]["context"], m["dynamics"]["horizon"]
     n = min(8, len(clips))
@@ -84,6 +84,9 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
                  ("random acts", np.concatenate([clips[i, C - 1:C], gen_rand[i]]))]
         titles += [["context"] + [f"t+{k + 1}" for k in range(H)],
                    [""] + [f"{p:.1f}" for p in psnr(gen[i], clips[i, C:])], []]
+        if gen_play is not None:
+            rows.append(("play's keys", np.concatenate([clips[i, C - 1:C], gen_play[i]])))
+            titles.append([""] + [f"{p:.1f}" for p in psnr(gen_play[i], clips[i, C:])])
     frame_rows(out / "multi_step.png", rows, titles)
 
     # Error accumulation over the horizon.
@@ -92,6 +95,8 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
     d = m["dynamics"]
     a1.plot(steps, d["psnr_by_step"], "o-", label="world model (inferred actions)")
     a1.plot(steps, m["random_actions"]["psnr_by_step"], "s--", label="world model (random actions)")
+    if "play" in m:
+        a1.plot(steps, m["play"]["psnr_by_step"], "d-", label=f"play ({m['play']['action_kind']} keys)")
     a1.plot(steps, m["baseline_copy_last"]["psnr_by_step"], "x:", label="copy last frame")
     a1.set_xlabel("steps after the context")
     a1.set_ylabel("PSNR (dB)")
@@ -144,11 +149,17 @@ def _html(m: dict) -> str:
     head = (f"Tokenizer {m['tokenizer']['psnr']:.2f} dB PSNR; step-{d['horizon']} rollout {d['psnr_by_step'][-1]:.2f} dB "
             f"against {b['psnr_by_step'][-1]:.2f} dB for copying the last frame; delta PSNR at step 4 "
             f"{d['delta_psnr_t4']:.2f} dB.")
+    if "play" in m:
+        p = m["play"]
+        head += (f" Under play's {p['action_kind']} keys: step {d['horizon']} {p['psnr_by_step'][-1]:.2f} dB, delta PSNR "
+                 f"at step 4 {p['delta_psnr_t4']:.2f} dB, camera error {p['motion_error_px']:.1f} px (a dream that never "
+                 f"moves: {p['still_motion_error_px']:.1f}).")
     figures = [
         ("recon_grid.png", "Tokenizer: test frames (top) and their reconstructions (bottom)."),
         ("codebook_usage.png", "Codebook usage over the test clips."),
         ("single_step.png", "Single-step predictions from real context, with PSNR / SSIM."),
-        ("multi_step.png", "Multi-step rollouts: real, dreamed under the inferred latent actions, and under random ones."),
+        ("multi_step.png", "Multi-step rollouts: real, dreamed under the inferred latent actions, under random ones, "
+                           "and under the actions play sends for the real keys."),
         ("psnr_by_step.png", "Error accumulation: PSNR and SSIM by step after the context."),
         ("lam_confusion.png", "Which latent action each real action becomes (test levels)."),
         ("rollout.gif", "Real (left) and dreamed (right) rollouts from the same context."),

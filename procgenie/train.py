@@ -335,14 +335,17 @@ def _tensorboard(stage_dir: Path):
 # -- commands ----------------------------------------------------------------------------------
 
 def resolve_stage_config(stage: str, run: Path, preset: str | None, steps: int | None,
-                         overrides: list[str]) -> tuple[C.StageConfig, str]:
-    """The config to train with: the preset plus overrides, checked against a run being resumed."""
-    stage_dir = run / stage
+                         overrides: list[str]) -> tuple[C.StageConfig, str, Path]:
+    """The config to train with (the preset plus overrides, checked against a run being resumed), the preset's
+    name and the stage's folder (a dynamics model on real actions trains beside the latent one)."""
+    if steps is not None:
+        overrides = [f"steps={steps}", *overrides]
+    kind = C.preset(preset or "cpu")
+    C.apply_overrides(kind, overrides, (stage,))
+    stage_dir = run / C.stage_folder(stage, kind[stage].model)
     saved = ckpt.read_config(stage_dir, stage) if (stage_dir / "config.json").exists() else None
     name = preset or (saved[1].get("preset") if saved else None) or "cpu"
     stages = C.preset(name)
-    if steps is not None:
-        overrides = [f"steps={steps}", *overrides]
     C.apply_overrides(stages, overrides, (stage,))
     sc = stages[stage]
     if saved:
@@ -353,14 +356,14 @@ def resolve_stage_config(stage: str, run: Path, preset: str | None, steps: int |
         if diffs:
             raise UserError(f"{stage_dir} was trained with other settings: {', '.join(diffs[:4])}; rerun with the "
                             "same settings to resume, or choose another --run")
-    return sc, name
+    return sc, name, stage_dir
 
 
 def train_stage(stage: str, data: str, run: str, preset: str | None = None, steps: int | None = None,
                 overrides: list[str] | None = None, quiet: bool = False) -> dict:
     rank, world, device = distributed()
     run_dir = Path(run)
-    sc, preset_name = resolve_stage_config(stage, run_dir, preset, steps, overrides or [])
+    sc, preset_name, stage_dir = resolve_stage_config(stage, run_dir, preset, steps, overrides or [])
     ds = Dataset(data)
     if sc.train.batch_size % (world * sc.train.grad_accum):
         raise UserError(f"{stage}: batch_size {sc.train.batch_size} must be divisible by {world} ranks x "
@@ -370,7 +373,6 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
         torch.use_deterministic_algorithms(True)
     speed_settings(device, sc.train.deterministic)
     model, links = build_for_training(stage, sc, ds, run_dir, device)
-    stage_dir = run_dir / stage
     trained = check_resume(stage_dir, stage, ds, links)
     # One training process per stage folder (under torchrun rank 0 holds the lock for all ranks), taken
     # before the first write.

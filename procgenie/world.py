@@ -43,16 +43,38 @@ def most_specific_latent(counts_RA: np.ndarray) -> np.ndarray:
     return (p_given_real / np.clip(p_latent, 1e-12, None)).argmax(1)
 
 
-class WorldModel:
-    """A tokenizer, latent action model and dynamics model that were trained together."""
+PLAY_MASKGIT_STEPS = 2      # at most this many MaskGIT rounds per played frame for a model that samples its codes
+DYNAMICS_FOLDERS = {"latent": "dynamics", "real": "dynamics-real"}
 
-    def __init__(self, run_dir: Path, device=None, precision: str = "auto"):
+
+class WorldModel:
+    """A tokenizer, latent action model and dynamics model(s) that were trained together.
+
+    A run holds a dynamics model on latent actions (Genie's, RUN/dynamics), one on Procgen's real actions
+    (RUN/dynamics-real), or both. `generate` drives the one `actions` names (default: the latent one where
+    there is one); `play` drives the one a player's keys steer best: the real one where there is one."""
+
+    def __init__(self, run_dir: Path, device=None, precision: str = "auto", actions: str | None = None):
         self.run_dir = Path(run_dir)
         self.device = pick_device(device)
         self.tokenizer, self.tok_cfg, self.tok_extra = load_stage(self.run_dir, "tokenizer", self.device)
         self.lam, self.lam_cfg, _ = load_stage(self.run_dir, "lam", self.device)
-        self.dynamics, self.dyn_cfg, dyn_extra = load_stage(self.run_dir, "dynamics", self.device)
-        check_links(self.run_dir, dyn_extra)
+        self._dynamics = {}                                               # kind -> (model, config)
+        for kind, folder in DYNAMICS_FOLDERS.items():
+            if (self.run_dir / folder / "config.json").exists():
+                model, sc, extra = load_stage(self.run_dir, "dynamics", self.device, folder)
+                check_links(self.run_dir, extra)
+                self._dynamics[kind] = (model, sc)
+        if not self._dynamics:
+            raise UserError(f"{self.run_dir} has no trained dynamics model: train it with `procgenie train dynamics "
+                            f"--data DIR --run {self.run_dir}`")
+        if actions is not None and actions not in self._dynamics:
+            raise UserError(f"{self.run_dir} has no dynamics model on {actions} actions (no "
+                            f"{DYNAMICS_FOLDERS.get(actions, actions)}/): choose one of {', '.join(self._dynamics)}")
+        kind = actions or ("latent" if "latent" in self._dynamics else "real")
+        self.dynamics, self.dyn_cfg = self._dynamics[kind]
+        self.play_kind = "real" if "real" in self._dynamics else "latent"
+        self.play_dynamics, self.play_cfg = self._dynamics[self.play_kind]
         self.image_size = self.tok_cfg.model.image_size
         self.env = self.tok_extra.get("data", {}).get("env", "coinrun")
         self.precision = resolve(precision, self.device)  # 'bf16' or 'fp32': what this device computes faster
@@ -60,10 +82,12 @@ class WorldModel:
         self._action_map = None if counts is None else most_specific_latent(counts)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device=None, precision: str = "auto") -> "WorldModel":
+    def from_pretrained(cls, path: str | Path | None = None, device=None, precision: str = "auto",
+                        actions: str | None = None) -> "WorldModel":
         """The run at `path` (default: the bundled model). precision: 'auto' (bf16 only where this device
-        computes it faster than fp32), 'bf16' or 'fp32'."""
-        return cls(ckpt.resolve_run(path), device, precision)
+        computes it faster than fp32), 'bf16' or 'fp32'. actions: which dynamics model `generate` drives,
+        'latent' or 'real' (default: latent where the run has it)."""
+        return cls(ckpt.resolve_run(path), device, precision, actions)
 
     @property
     def bf16(self) -> bool:
@@ -73,15 +97,38 @@ class WorldModel:
     def num_latent_actions(self) -> int:
         return self.lam_cfg.model.num_actions
 
+    @property
+    def action_kind(self) -> str:
+        """What `generate` takes: 'latent' (Genie's latent actions) or 'real' (Procgen's actions 0..14)."""
+        return self.dyn_cfg.model.actions
+
+    @property
+    def num_actions(self) -> int:
+        """How many actions `generate` takes: the latent count, or 15."""
+        return self.dynamics.A
+
+    def play_steps(self, asked: int | None = None) -> int:
+        """MaskGIT rounds per played frame: `asked`, else one for a model that picks codes by expected level
+        (decode='mean'), else the smaller of PLAY_MASKGIT_STEPS and the model's own.
+
+        Expected-level codes need no second round: on the bundled model one round scored as well as two on the
+        test split at about 1.5 times the frame rate (docs/benchmarks.md). A sampling model's single round would
+        draw every code at once, so it keeps two."""
+        if asked is not None:
+            return asked
+        m = self.play_cfg.model
+        return 1 if m.decode == "mean" else min(PLAY_MASKGIT_STEPS, m.maskgit_steps)
+
     def _autocast(self):
         return autocast(self.device, self.precision)
 
     def fast_weights(self) -> "WorldModel":
-        """Keep the tokenizer's and dynamics model's matrices in bf16 (where it computes in bf16): autocast
+        """Keep the tokenizer's and dynamics models' matrices in bf16 (where it computes in bf16): autocast
         otherwise casts every weight at every call, a seventh of play's time per frame on a CPU. Norms,
-        embeddings and buffers stay float32. Play and `bench` use this; eval does not. Returns self."""
+        embeddings and buffers stay float32, and the results do not change (autocast rounds the weights to the
+        same bf16 values). Play and `bench` use this; eval does not. Returns self."""
         if self.bf16:
-            for model in (self.tokenizer, self.dynamics):
+            for model in (self.tokenizer, *(m for m, _ in self._dynamics.values())):
                 for m in model.modules():
                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
                         m.to(torch.bfloat16)
@@ -104,20 +151,38 @@ class WorldModel:
 
     @torch.no_grad()
     def generate(self, context, actions, steps: int | None = None, temperature: float | None = None,
-                 seed: int | None = None) -> np.ndarray:
-        """The H frames that follow `context` (uint8 (B, C, H, W, 3)) under latent `actions` (int64 (B, H)).
+                 seed: int | None = None, context_actions=None) -> np.ndarray:
+        """The H frames that follow `context` (uint8 (B, C, H, W, 3)) under `actions` (int64 (B, H)) of
+        `action_kind`: latent actions, or Procgen's actions 0..14 for a model on real actions.
 
-        steps: MaskGIT rounds per frame; temperature: sample codes at it (0: greedy); both default to the
-        dynamics config, whose `decode` may pick each code as its channels' expected levels instead."""
+        context_actions (int (B, C-1)): the actions between the context frames, of the same kind. Default: the
+        latent actions the LAM infers from them, or, for a model on real actions, 'unknown' (trained for: a
+        share of training frames had their action dropped). steps: MaskGIT rounds per frame; temperature: sample
+        codes at it (0: greedy); both default to the dynamics config, whose `decode` may pick each code as its
+        channels' expected levels instead."""
         ctx = _frames_in(context, self.image_size, "context")
-        acts = np.asarray(actions)
-        if acts.ndim != 2 or acts.shape[0] != ctx.shape[0] or not np.issubdtype(acts.dtype, np.integer):
-            raise UserError(f"actions must be int (B={ctx.shape[0]}, H), got {acts.dtype} {acts.shape}")
-        if acts.size and (acts.min() < 0 or acts.max() >= self.num_latent_actions):
-            raise UserError(f"latent actions must lie in 0..{self.num_latent_actions - 1}")
-        session = Session(self, ctx.numpy(), steps=steps, temperature=temperature, seed=seed)
-        out = [session.step(torch.from_numpy(acts[:, h]).long()) for h in range(acts.shape[1])]
-        return np.stack(out, 1) if out else np.zeros((ctx.shape[0], 0, *ctx.shape[2:]), np.uint8)
+        acts = self._actions_in(actions, f"{self.action_kind} actions", self.num_actions, ctx.shape[0])
+        if context_actions is not None:
+            context_actions = self._context_in(context_actions, self.num_actions, ctx)
+        return self._run(Session(self, ctx.numpy(), steps=steps, temperature=temperature, seed=seed,
+                                 context_actions=context_actions), acts)
+
+    @torch.no_grad()
+    def play(self, context, keys, seed: int | None = None, context_keys=None, steps: int | None = None) -> np.ndarray:
+        """What `procgenie play` shows for Procgen key presses: context uint8 (B, C, H, W, 3), keys int64 (B, H)
+        of actions 0..14 (one per frame) -> uint8 (B, H, H, W, 3).
+
+        The keys go to the dynamics model on real actions where the run has one, else each becomes the latent
+        action that `latent_for_real_action` gives. context_keys (int (B, C-1)): the keys that led from one
+        context frame to the next (play starts from frames under no-op); default unknown (a latent model infers
+        them from the frames). steps: MaskGIT rounds per frame, default play's own (`play_steps`)."""
+        ctx = _frames_in(context, self.image_size, "context")
+        keys = self._actions_in(keys, "keys", 15, ctx.shape[0])
+        if context_keys is not None:
+            context_keys = self._context_in(context_keys, 15, ctx)
+        if self.play_kind == "latent":
+            keys = np.array([self.latent_for_real_action(a) for a in range(15)])[keys]
+        return self._run(self.play_session(ctx.numpy(), context_keys, steps, seed), keys)
 
     def latent_for_real_action(self, real_action: int) -> int:
         """The latent action that the training data shows most often with this Procgen action (0..14)."""
@@ -127,34 +192,74 @@ class WorldModel:
             raise UserError(f"{self.run_dir}/lam has no action_map.json: retrain the lam stage to write it")
         return int(self._action_map[int(real_action)])
 
+    # -- shared -----------------------------------------------------------------------------------
+    @staticmethod
+    def _actions_in(actions, name: str, count: int, batch: int) -> np.ndarray:
+        a = np.asarray(actions)
+        if a.ndim != 2 or a.shape[0] != batch or not np.issubdtype(a.dtype, np.integer):
+            raise UserError(f"{name} must be int (B={batch}, H), got {a.dtype} {a.shape}")
+        if a.size and (a.min() < 0 or a.max() >= count):
+            raise UserError(f"{name} must lie in 0..{count - 1}")
+        return a.astype(np.int64)
+
+    @staticmethod
+    def _context_in(actions, count: int, ctx: torch.Tensor) -> np.ndarray:
+        a = WorldModel._actions_in(actions, "context actions", count, ctx.shape[0])
+        if a.shape[1] != ctx.shape[1] - 1:
+            raise UserError(f"context actions must be the C-1={ctx.shape[1] - 1} actions between the context "
+                            f"frames, got {a.shape[1]}")
+        return a
+
+    @staticmethod
+    def _run(session: "Session", actions: np.ndarray) -> np.ndarray:
+        out = [session.step(torch.from_numpy(actions[:, h])) for h in range(actions.shape[1])]
+        B, (S, _, ch) = actions.shape[0], session.frame_shape
+        return np.stack(out, 1) if out else np.zeros((B, 0, S, S, ch), np.uint8)
+
+    def play_session(self, context: np.ndarray, context_keys=None, steps: int | None = None, seed=None) -> "Session":
+        """The incremental form of `play` that the server steps one frame at a time: with Procgen actions
+        (B,) where `play_kind` is 'real', else with latent actions."""
+        return Session(self, context, steps=self.play_steps(steps), seed=seed, dynamics=self.play_dynamics,
+                       context_actions=context_keys if self.play_kind == "real" else None)
+
 
 class Session:
-    """An ongoing rollout: context frames in, then one generated frame per `step(action)`."""
+    """An ongoing rollout: context frames in, then one generated frame per `step(action)`.
 
-    def __init__(self, wm: WorldModel, context: np.ndarray, steps=None, temperature=None, seed=None):
+    dynamics: the model to drive (default the one `generate` uses); context_actions (B, C-1) of its kind, else
+    inferred by the LAM (latent) or unknown (real)."""
+
+    def __init__(self, wm: WorldModel, context: np.ndarray, steps=None, temperature=None, seed=None, dynamics=None,
+                 context_actions=None):
         self.wm, self.steps, self.temperature = wm, steps, temperature
+        self.dyn = dyn = dynamics or wm.dynamics
         self.generator = torch.Generator(wm.device)
         self.generator.manual_seed(0 if seed is None else int(seed))
-        ctx = torch.from_numpy(np.ascontiguousarray(context)).to(wm.device)       # (B, C, H, W, 3)
-        tok, dyn = wm.tokenizer, wm.dynamics
+        ctx = torch.from_numpy(np.require(context, requirements=["C", "W"])).to(wm.device)  # (B, C, H, W, 3)
+        tok = wm.tokenizer
         with torch.no_grad(), wm._autocast():
             codes = tok.encode(ctx)                                                # (B, C, N, G)
             B, C = codes.shape[:2]
-            lat = wm.lam.infer(ctx) if C > 1 else codes.new_zeros(B, 0)          # (B, C-1)
+            if context_actions is not None:
+                between = torch.as_tensor(np.asarray(context_actions), dtype=torch.long, device=wm.device)
+            elif dyn.real:
+                between = torch.full((B, C - 1), dyn.A, dtype=torch.long, device=wm.device)  # unknown
+            else:
+                between = wm.lam.infer(ctx) if C > 1 else codes.new_zeros(B, 0)  # (B, C-1)
             first = torch.full((B, 1), dyn.A, dtype=torch.long, device=wm.device)
-            self.state = dyn.start(codes, torch.cat([first, lat], 1))
+            self.state = dyn.start(codes, torch.cat([first, between], 1))
             self.dec_caches = tok.decoder.new_caches(tok.cfg.seq_len - 1)
             pos = torch.arange(C, device=wm.device)
             tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)    # fill the decoder's cache
-        self.t = C
+        self.t, self.frame_shape = C, tuple(context.shape[2:])
 
     @torch.no_grad()
     def step(self, action_B: torch.Tensor) -> np.ndarray:
-        """Take latent actions (B,) -> the next frames, uint8 (B, H, W, 3)."""
+        """Take actions (B,) -> the next frames, uint8 (B, H, W, 3)."""
         wm = self.wm
         with wm._autocast():
-            codes = wm.dynamics.step(self.state, action_B.to(wm.device), steps=self.steps,
-                                     temperature=self.temperature, generator=self.generator)
+            codes = self.dyn.step(self.state, action_B.to(wm.device), steps=self.steps,
+                                  temperature=self.temperature, generator=self.generator)
             pos = torch.tensor([self.t], device=wm.device)
             frame = wm.tokenizer.decode(codes[:, None], caches=self.dec_caches, pos=pos, commit=True)[:, 0]
         self.t += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,16 @@ def tiny_run(coinrun_data, tmp_path_factory) -> Path:
     """All three stages trained with the tiny preset: a real run folder in seconds."""
     run = tmp_path_factory.mktemp("runs") / "tiny"
     run_cli("train", "all", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny", "--set", "workers=0")
+    return run
+
+
+@pytest.fixture(scope="session")
+def both_run(tiny_run, coinrun_data, tmp_path_factory):
+    """The tiny run plus a dynamics model on real actions, trained beside the latent one by the same command."""
+    run = tmp_path_factory.mktemp("both") / "run"
+    shutil.copytree(tiny_run, run)
+    run_cli("train", "dynamics", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny",
+            "--set", "actions=real", "--set", "workers=0")
     return run
 
 

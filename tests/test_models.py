@@ -157,7 +157,7 @@ def test_overfitting_one_batch_drives_the_loss_down(stage):
     torch.manual_seed(0)
     if stage == "dynamics":
         model = make_dynamics().train()
-        batch = {"codes": torch.randint(0, 50, (4, 4, 6, 2)), "latent_actions": torch.randint(0, 4, (4, 3))}
+        batch = {"codes": torch.randint(0, 50, (4, 4, 6, 2)), "actions": torch.randint(0, 4, (4, 3))}
     else:
         model = (Tokenizer if stage == "tokenizer" else LAM)(tiny(stage)).train()
         g = torch.Generator().manual_seed(1)
@@ -179,7 +179,7 @@ def test_dynamics_loss_for_torch_compile_equals_the_indexed_loss(monkeypatch):
     """Under torch.compile the loss weights every code by the mask instead of indexing the masked ones (fixed
     shapes keep the graph whole): same cross-entropy and accuracy, and metrics stay tensors (no GPU sync)."""
     model = make_dynamics().train()
-    batch = {"codes": torch.randint(0, 50, (3, 4, 6, 2)), "latent_actions": torch.randint(0, 4, (3, 3))}
+    batch = {"codes": torch.randint(0, 50, (3, 4, 6, 2)), "actions": torch.randint(0, 4, (3, 3))}
     torch.manual_seed(5)
     ce, m = model.loss(batch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

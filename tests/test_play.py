@@ -187,7 +187,7 @@ def test_a_browser_plays_pauses_steps_records_and_resets(server):
             assert "jump" in page.inner_text("#controls") and page.locator("#latents li").count() >= 2
             dream0, real0, s0 = page.evaluate(pixels, "dream"), page.evaluate(pixels, "real"), page.evaluate(step)
             page.keyboard.down("ArrowRight")
-            page.wait_for_function(f"document.getElementById('action').textContent.startsWith('right')")
+            page.wait_for_function("document.getElementById('action').textContent.startsWith('right')")
             page.wait_for_function(f"{step} >= {s0 + 10}", timeout=30_000)
             page.keyboard.up("ArrowRight")
             assert page.evaluate(pixels, "dream") != dream0 and page.evaluate(pixels, "real") != real0
@@ -225,8 +225,25 @@ def test_a_browser_plays_pauses_steps_records_and_resets(server):
     wait_for(lambda: sessions(server) == 0, what="the page's session to be freed")
 
 
+def test_the_server_shows_exactly_what_wm_play_returns(both_run):
+    """Play's Player, stepped as the server steps it, sends the real-action model the keys themselves, and its
+    dream is wm.play's for those keys after context frames under no-op."""
+    from procgenie.world import WorldModel
+    wm = WorldModel.from_pretrained(both_run, device="cpu")
+    hub = play.Hub(wm, level=0)
+    player = play.Player(hub, ws=None)
+    player.env, ctx, player.session = player._start(0, 0)
+    keys = [7, 7, 5, 1, 4, 8]
+    dreams = np.stack([player._step(hub.real_to_latent[k], k)[0] for k in keys])
+    player.env.close()
+    noops = np.full((1, len(ctx) - 1), 4)
+    assert np.array_equal(dreams[None], wm.play(ctx[None], np.array([keys]), seed=0, context_keys=noops))
+    assert hub.hello()["action_kind"] == "real"
+
+
 @pytest.mark.parametrize("decode, own, asked, want", [("mean", 2, None, 1), ("sample", 8, None, 2),
                                                       ("sample", 1, None, 1), ("mean", 2, 3, 3)])
 def test_play_decodes_expected_level_codes_in_one_round(decode, own, asked, want):
-    wm = SimpleNamespace(dyn_cfg=SimpleNamespace(model=SimpleNamespace(decode=decode, maskgit_steps=own)))
-    assert play.play_maskgit_steps(wm, asked) == want
+    from procgenie.world import WorldModel
+    wm = SimpleNamespace(play_cfg=SimpleNamespace(model=SimpleNamespace(decode=decode, maskgit_steps=own)))
+    assert WorldModel.play_steps(wm, asked) == want

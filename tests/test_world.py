@@ -48,13 +48,67 @@ def test_api_rejects_bad_input_with_clear_errors(wm, clip):
         wm.latent_for_real_action(15)
 
 
+def test_a_dynamics_model_on_real_actions_trains_beside_the_latent_one(both_run, tiny_run, clip):
+    from procgenie.models import read_action_map  # noqa: F401  (the LAM's map stays: play's number keys use it)
+    assert (both_run / "dynamics-real" / "model.safetensors").exists()
+    latent_cfg = json.loads((both_run / "dynamics" / "config.json").read_text())
+    assert latent_cfg["model"]["actions"] == "latent"
+    assert (both_run / "dynamics" / "model.safetensors").read_bytes() == \
+        (tiny_run / "dynamics" / "model.safetensors").read_bytes()        # the latent model is untouched
+    wm = WorldModel.from_pretrained(both_run)
+    assert (wm.action_kind, wm.num_actions, wm.play_kind) == ("latent", 8, "real")   # generate: Genie's path
+    real = WorldModel.from_pretrained(both_run, actions="real")
+    assert (real.action_kind, real.num_actions) == ("real", 15)
+    keys = np.array([[7, 7, 5, 1]])
+    out = real.generate(clip[:, :3], keys, context_actions=np.array([[4, 4]]), steps=wm.play_steps())
+    # play() is what the server shows: its session stepped one key at a time, after context frames under no-op.
+    assert np.array_equal(wm.play(clip[:, :3], keys, context_keys=np.array([[4, 4]])), out)
+    session = wm.play_session(clip[:, :3], np.array([[4, 4]]))
+    assert np.array_equal(np.stack([session.step(torch.tensor([k]))[0] for k in keys[0]])[None], out)
+    with pytest.raises(UserError, match="context actions must be the C-1=2"):
+        real.generate(clip[:, :3], keys, context_actions=np.array([[4]]))
+    with pytest.raises(UserError, match="real actions must lie in 0..14"):
+        real.generate(clip[:, :3], np.array([[15]]))
+
+
+def test_play_on_a_latent_only_run_sends_each_keys_latent(wm, clip):
+    keys = np.array([[7, 7, 5, 1]])
+    latents = np.array([[wm.latent_for_real_action(k) for k in keys[0]]])
+    assert wm.play_kind == "latent"
+    assert np.array_equal(wm.play(clip[:, :3], keys), wm.generate(clip[:, :3], latents, steps=wm.play_steps()))
+    with pytest.raises(UserError, match="no dynamics model on real actions"):
+        WorldModel.from_pretrained(wm.run_dir, actions="real")
+
+
+def test_a_model_on_real_actions_learns_from_the_datasets_actions_never_the_lam():
+    from procgenie.config import DynamicsConfig
+    from procgenie.nn.dynamics import Dynamics
+
+    class NoLAM(torch.nn.Module):
+        def infer(self, frames):
+            raise AssertionError("a dynamics model on real actions asked the LAM")
+
+    class Codes(torch.nn.Module):
+        def encode(self, frames):
+            return frames[:, :, :, 0, :2].long() % 50                  # (B, T, 1, 1, 3) -> (B, T, N=1, G=2)
+
+    dyn = Dynamics(DynamicsConfig(width=32, depth=1, heads=2, seq_len=4, actions="real"), 50, 1, 2, 15)
+    dyn.attach(Codes(), NoLAM())
+    frames = torch.randint(0, 255, (2, 4, 1, 1, 3), dtype=torch.uint8)
+    loss, _ = dyn.loss({"frames": frames, "actions": torch.randint(0, 15, (2, 3))})
+    assert torch.isfinite(loss) and dyn.action_embed.num_embeddings == 16    # 15 keys + unknown
+
+
 SPEC = {
     "data": {"episodes": int, "frames": int},
     "tokenizer": {"psnr": float, "ssim": float, "codebook_size": int, "codebook_used": int, "perplexity": float},
     "lam": {"psnr": float, "num_actions": int, "actions_used": int, "nmi_real_actions": float},
     "dynamics": {"context": int, "horizon": int, "maskgit_steps": int, "psnr_1step": float, "ssim_1step": float,
-                 "psnr_by_step": list, "ssim_by_step": list, "delta_psnr_t4": float},
-    "baseline_copy_last": {"psnr_by_step": list},
+                 "psnr_by_step": list, "ssim_by_step": list, "delta_psnr_t4": float,
+                 "mean_psnr_over_horizon": float, "pooled_psnr_by_step": list, "moving": dict},
+    "play": {"psnr_by_step": list, "delta_psnr_t4": float, "moving_psnr_last_step": float,
+             "motion_error_px": float, "still_motion_error_px": float},
+    "baseline_copy_last": {"psnr_by_step": list, "pooled_psnr_by_step": list},
 }
 
 
@@ -72,6 +126,12 @@ def test_eval_writes_every_spec_field_and_a_report(tiny_run, coinrun_data, tmp_p
     assert d["delta_psnr_t4"] == pytest.approx(d["psnr_by_step"][3] - m["random_actions"]["psnr_by_step"][3])
     assert 0 <= m["tokenizer"]["codebook_used"] <= m["tokenizer"]["codebook_size"]
     assert 0.0 <= m["lam"]["nmi_real_actions"] <= 1.0
+    assert d["mean_psnr_over_horizon"] == pytest.approx(np.mean(d["psnr_by_step"]))
+    assert set(d["moving"]) == {"clips", "psnr_last_step", "copy_last_last_step"} and 0 <= d["moving"]["clips"] <= 4
+    p = m["play"]
+    assert p["action_kind"] == "latent" and len(p["psnr_by_step"]) == len(d["pooled_psnr_by_step"]) == 4
+    assert p["delta_psnr_t4"] == pytest.approx(p["psnr_by_step"][3] - p["random_psnr_by_step"][3])
+    assert p["motion_error_px"] >= 0 and p["still_motion_error_px"] >= 0
     html = (out / "report.html").read_text()
     for img in ("recon_grid.png", "codebook_usage.png", "single_step.png", "multi_step.png", "psnr_by_step.png",
                 "lam_confusion.png", "rollout.gif"):
@@ -86,6 +146,16 @@ def test_real_actions_map_to_the_latent_most_specific_to_them():
     counts[5, 3] = 50                       # up: latent 3
     m = most_specific_latent(counts)
     assert counts.argmax(1)[7] == 0 and m[7] == 2 and m[5] == 3 and m[4] == 0
+
+
+def test_eval_context_1_scores_the_real_action_model_in_play(both_run, coinrun_data, tmp_path):
+    """GenieRedux's protocol (one context frame); the play block drives the model on real actions."""
+    out = tmp_path / "eval1"
+    run_cli("eval", "--checkpoint", str(both_run), "--data", str(coinrun_data), "--out", str(out),
+            "--episodes", "3", "--context", "1", "--horizon", "4")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dynamics"]["context"] == 1 and m["play"]["action_kind"] == "real"
+    assert len(m["play"]["psnr_by_step"]) == 4 and np.isfinite(m["play"]["mean_psnr_over_horizon"])
 
 
 def test_bundle_makes_a_loadable_bf16_copy_with_relinked_stages(tiny_run, clip, tmp_path):

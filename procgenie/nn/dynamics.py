@@ -1,10 +1,13 @@
-"""MaskGIT dynamics: the next frame's tokens from past frames' tokens and latent actions.
+"""MaskGIT dynamics: the next frame's tokens from past frames' tokens and actions.
+
+The actions are Genie's latent actions (what the frozen LAM infers between frames) or, with
+`actions='real'`, the dataset's own Procgen actions (GenieRedux-G's variant), the keys a player presses.
 
 Training runs two streams through one ST-transformer: a clean stream of frames 1..T-1 and a masked
 stream of frames 2..T (each frame's codes masked at a rate drawn from [mask_min, mask_max]). Masked
 frame t attends the clean frames before it and itself, never another masked frame, so training sees
 exactly what generation sees: clean past keys and values (cached) and one partly known frame.
-Frame t carries the latent action a_{t-1} that led to it.
+Frame t carries the action a_{t-1} that led to it; action index A means unknown.
 
 Generation (MaskGIT): start fully masked; each of `steps` rounds picks every masked code, keeps the
 most confident ones (a cosine schedule says how many stay masked) and feeds them back. A code is picked
@@ -15,7 +18,7 @@ the new masked frame as in training's two streams: one transformer pass fewer pe
 past then holds seq_len-1 frames at most, as in training.
 
 Letters: B batch, T frames, N positions per frame, G codes per position, V codebook size, D width,
-A latent actions.
+A actions (latent, or Procgen's 15).
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ class Dynamics(nn.Module):
         self.cfg, D = cfg, cfg.width
         self.V, self.N, self.G, self.A = vocab, positions, codes_per_position, num_actions
         self.mask_id = vocab
+        self.real = cfg.actions == "real"                                  # Procgen's actions, not the LAM's
         self.levels = tuple(fsq_levels) if fsq_levels else None            # FSQ: a code's levels per channel
         if cfg.decode == "mean" and self.levels is None:
             raise UserError("dynamics decode='mean' needs an FSQ tokenizer: use decode='sample' with a VQ tokenizer")
         self.code_embed = nn.Embedding(self.G * (vocab + 1), D)           # one table per code slot
-        self.action_embed = nn.Embedding(num_actions + 1, D)               # + "no action" before frame 1
+        self.action_embed = nn.Embedding(num_actions + 1, D)               # + "unknown": before frame 1, or dropped
         self.target = nn.Parameter(torch.zeros(D))                         # marks the masked stream
         self.token_cond = cfg.action_cond == "token"
         self.transformer = STTransformer(D, cfg.depth, cfg.heads, positions + self.token_cond)
@@ -86,12 +90,16 @@ class Dynamics(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        if "codes" not in batch:  # frames -> codes and latent actions by the frozen models
+        if "codes" not in batch:  # frames -> codes, and (Genie) latent actions, by the frozen models
             tokenizer, lam = self._frozen
             with torch.no_grad():
-                batch = {"codes": tokenizer.encode(batch["frames"]), "latent_actions": lam.infer(batch["frames"])}
-        codes, actions = batch["codes"], batch["latent_actions"]           # (B, T, N, G), (B, T-1)
+                batch = {"codes": tokenizer.encode(batch["frames"]),
+                         "actions": batch["actions"] if self.real else lam.infer(batch["frames"])}
+        codes, actions = batch["codes"], batch["actions"].to(batch["codes"].device)  # (B, T, N, G), (B, T-1)
         B, T = codes.shape[:2]
+        if self.real and self.cfg.action_dropout > 0:  # some frames' actions unknown, as a caller's context may be
+            unknown = torch.rand(actions.shape, device=codes.device) < self.cfg.action_dropout
+            actions = actions.masked_fill(unknown, self.A)
         rate = torch.empty(B, T - 1, 1, 1, device=codes.device).uniform_(self.cfg.mask_min, self.cfg.mask_max)
         mask = torch.rand(B, T - 1, self.N, self.G, device=codes.device) < rate
         logits, target = self.teacher_forced_logits(codes, actions, mask), codes[:, 1:]

@@ -28,23 +28,9 @@ MAX_SESSIONS = 4            # connections at once; more are told the server is f
 MAX_WS_FRAME = 1 << 20      # websocket frames past this close that connection (code 1009), as the protocol says
 MAX_RECORD = 600            # frames in one recording (40 s at 15 fps); then it stops and is sent
 RECORD_SCALE = 3            # nearest-neighbour upscale of recorded GIFs (x4 makes them twice as big)
-PLAY_MASKGIT_STEPS = 2      # at most this many MaskGIT steps per frame for a model that samples its codes
 KIND_FRAME, KIND_GIF = 1, 2
 CONTROLS = ("arrows / WASD move, up / W / space jump (held keys combine), 1..{k} take latent action k-1 directly, "
             "R new level, P pause, E one step while paused, G record a GIF (again: stop and save)")
-
-
-def play_maskgit_steps(wm, asked: int | None) -> int:
-    """MaskGIT rounds per played frame: `asked`, else one for a model that picks codes by expected level
-    (decode='mean'), else the smaller of PLAY_MASKGIT_STEPS and the model's own.
-
-    Expected-level codes need no second round: on the bundled model one round scored as well as two on the
-    test split at about 1.5 times the frame rate (docs/benchmarks.md). A sampling model's single round would
-    draw every code at once, so it keeps two."""
-    if asked is not None:
-        return asked
-    m = wm.dyn_cfg.model
-    return 1 if m.decode == "mean" else min(PLAY_MASKGIT_STEPS, m.maskgit_steps)
 
 
 class Hub:
@@ -54,7 +40,7 @@ class Hub:
                  max_sessions: int = MAX_SESSIONS):
         from procgenie.models import read_action_map
         self.wm, self.level, self.fps, self.max_sessions = wm.fast_weights(), level, fps, max_sessions
-        self.steps = play_maskgit_steps(wm, maskgit_steps)
+        self.steps = wm.play_steps(maskgit_steps)
         self.context = context_length(wm)
         counts = read_action_map(wm.run_dir)
         if counts is None:
@@ -79,7 +65,8 @@ class Hub:
             fn()
 
     def hello(self) -> dict:
-        return {"type": "hello", "num_latent_actions": self.wm.num_latent_actions, "fps": self.fps,
+        return {"type": "hello", "num_latent_actions": self.wm.num_latent_actions, "action_kind": self.wm.play_kind,
+                "fps": self.fps,
                 "maskgit_steps": self.steps, "context": self.context, "size": self.wm.image_size,
                 "real_actions": list(REAL_ACTIONS), "latent_to_real": self.latent_to_real.tolist(),
                 "real_to_latent": self.real_to_latent, "controls": self.controls()}
@@ -108,13 +95,14 @@ class Player:
 
     # -- model-thread work ----------------------------------------------------------------------
     def _start(self, level: int, seed: int):
-        from procgenie.world import Session
-        env, ctx = start_frames(level, self.hub.context, self.hub.wm.env, seed)     # ctx (C, S, S, 3)
-        return env, ctx, Session(self.hub.wm, ctx[None], steps=self.hub.steps, seed=seed)
+        env, ctx = start_frames(level, self.hub.context, self.hub.wm.env, seed)     # ctx (C, S, S, 3), under no-ops
+        noops = np.full((1, len(ctx) - 1), NOOP)
+        return env, ctx, self.hub.wm.play_session(ctx[None], noops, steps=self.hub.steps, seed=seed)
 
     def _step(self, latent: int, real: int):
         import torch
-        dream = self.session.step(torch.tensor([latent]))[0]                          # (S, S, 3)
+        action = real if self.hub.wm.play_kind == "real" else latent                # what the dream's model takes
+        dream = self.session.step(torch.tensor([action]))[0]                          # (S, S, 3)
         self.env.act(np.array([real]))
         _, obs, first = self.env.observe()
         return dream, obs["rgb"][0], bool(first[0])
@@ -155,6 +143,8 @@ class Player:
             self.recording.append(side_by_side(dream, real_frame))
             if len(self.recording) >= MAX_RECORD:
                 await self.stop_recording()
+        if source == "keys" and self.hub.wm.play_kind == "real":
+            latent = None  # the dream took the key itself
         await self.send_frame(dream, real_frame, {"action": REAL_ACTIONS[real], "real": real, "latent": latent,
                                                   "source": source, "ms": round(ms, 1), "real_done": done})
 

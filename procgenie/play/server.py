@@ -34,7 +34,6 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from procgenie.errors import UserError
 from procgenie.play.game import FPS, KIND_FRAME, KIND_GIF, MAX_SESSIONS, MAX_WS_FRAME, Hub, Player  # noqa: F401
-from procgenie.play.game import play_maskgit_steps  # noqa: F401
 from procgenie.play.protocol import MAX_MESSAGE, BadMessage, real_action, real_for_latent  # noqa: F401
 
 log = logging.getLogger("procgenie.play")
