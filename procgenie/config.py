@@ -18,7 +18,6 @@ STAGES = ("tokenizer", "lam", "dynamics")
 PRESETS = ("tiny", "cpu", "seed", "genie")
 PRECISIONS = ("auto", "bf16", "fp32")  # what each means: procgenie/precision.py
 ACTION_KINDS = ("latent", "real")      # what a dynamics model is conditioned on
-REAL_ACTIONS = 15                      # Procgen's action count, for every game
 
 
 def stage_folder(stage: str, model) -> str:
@@ -85,6 +84,8 @@ class DynamicsConfig:
     depth: int = _f(4, "ST-transformer blocks")
     heads: int = _f(4, "attention heads")
     action_cond: str = _f("token", "how a_t enters: 'token' (own token per frame) or 'add' (added to every token)")
+    guidance: float = _f(1.0, "classifier-free guidance on the action in generation (actions='real' only): each "
+                              "round's logits moved from the unknown action's by this factor; 1 is off")
     mask_min: float = _f(0.5, "lowest training mask rate")
     mask_max: float = _f(1.0, "highest training mask rate")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")

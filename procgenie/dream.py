@@ -5,8 +5,6 @@ played for a few no-op steps gives the context, then the world model dreams `ste
 the asked actions. The file shows the context and then the dream, every frame scaled up with
 nearest-neighbour, above a timeline bar: green over the real frames, magenta over the dream.
 
-The CoinRun action names, the Procgen start frames and the video writers live here; `play` uses them too.
-
 Letters: T frames, C context frames, S frame size (64), K upscale factor.
 """
 
@@ -19,19 +17,16 @@ import numpy as np
 
 from procgenie.atomic import write_bytes_atomic
 from procgenie.errors import UserError
+from procgenie.video import encode_video, upscale
+from procgenie.vocab import ACTION_IDS, MOVES, NOOP, start_frames
 
-# Procgen's CoinRun action ids: 0..8 are the combinations of left/right and down/up; 9..14 do nothing.
-REAL_ACTIONS = ("left-down", "left", "left-up", "down", "noop", "up", "right-down", "right", "right-up")
-NOOP = 4
-ALIASES = {"jump": 5, "left-jump": 2, "right-jump": 8}
-ACTION_IDS = {**{n: i for i, n in enumerate(REAL_ACTIONS)}, **ALIASES}
 DEFAULT_ACTIONS = "right*8,right-up*4,right*6,right-up*3,noop*2"  # repeated to fill --steps
 CONTEXT = 4           # real frames before the dream (fewer if the dynamics model sees fewer)
 SCALE = 4             # nearest-neighbour upscale in the file
 MAX_STEPS = 10_000
 ACTIONS_HELP = (
     "Actions: comma-separated items, each NAME or ID, optionally *N to repeat it N times. NAME is a CoinRun "
-    f"action ({', '.join(REAL_ACTIONS)}; also jump, left-jump, right-jump), sent as it is to a model on real actions, "
+    f"action ({', '.join(MOVES)}; also jump, left-jump, right-jump), sent as it is to a model on real actions, "
     "else mapped to the latent action the training data shows most often with it; ID is a latent action id "
     "0..K-1 (a model on real actions takes the key most often seen with it). The last action "
     "repeats if the list is shorter than --steps; a longer list is cut. Example: 'right*10,right-up*5,left*3' "
@@ -78,30 +73,9 @@ def random_test_level(rng: np.random.Generator) -> int:
     return 20 * int(rng.integers(0, (2**31 - 1) // 20 - 1))
 
 
-def start_frames(level: int, frames: int, env_name: str = "coinrun", seed: int = 0):
-    """A Procgen env pinned to `level` and its first `frames` frames under no-ops: uint8 (C, S, S, 3).
-
-    Returns (env, frames); the env is left at the last of them, so play can go on from there.
-    """
-    from procgenie.data.collect import make_env
-    if not 0 <= level < 2**31 - 1:
-        raise UserError(f"a level seed lies in 0..{2**31 - 2}, got {level}")
-    env = make_env(env_name, 1, start_level=level, num_levels=1, seed=seed)
-    out = [env.observe()[1]["rgb"][0]]
-    for _ in range(frames - 1):
-        env.act(np.array([NOOP]))
-        out.append(env.observe()[1]["rgb"][0])
-    return env, np.stack(out)
-
-
 def context_length(wm) -> int:
     # The dynamics model attends to seq_len - 1 past frames; more context than that is never seen.
     return max(1, min(CONTEXT, wm.play_cfg.model.seq_len - 1))
-
-
-def upscale(frames: np.ndarray, k: int = SCALE) -> np.ndarray:
-    """Nearest-neighbour upscale of uint8 (..., S, S, 3) -> (..., S*k, S*k, 3): crisp pixels."""
-    return frames.repeat(k, axis=-3).repeat(k, axis=-2)
 
 
 def timeline(T: int, C: int, width: int, height: int = 2 * SCALE) -> np.ndarray:
@@ -113,23 +87,6 @@ def timeline(T: int, C: int, width: int, height: int = 2 * SCALE) -> np.ndarray:
     done = x[None] < np.round(width * np.arange(1, T + 1) / T)[:, None]                  # (T, width)
     bar = np.where(done[..., None], base, base // 4)                                      # (T, width, 3)
     return np.repeat(bar[:, None], height, axis=1)
-
-
-def encode_video(frames: np.ndarray, suffix: str, fps: float) -> bytes:
-    """uint8 (T, H, W, 3) -> the bytes of a looping GIF or an H.264 MP4 (H, W even)."""
-    import imageio.v3 as iio
-    if suffix == ".gif":
-        # GIF durations are in hundredths of a second: round to what the format can say.
-        return iio.imwrite("<bytes>", frames, extension=".gif", duration=round(100 / fps) * 10, loop=0)
-    try:
-        import av  # noqa: F401  (PyAV: ffmpeg's libraries, shipped inside its wheel)
-    except ImportError:
-        raise UserError("writing MP4 needs PyAV and its ffmpeg libraries: `pip install av`, or write a .gif") from None
-    try:
-        return iio.imwrite("<bytes>", frames, extension=".mp4", plugin="pyav", codec="libx264", fps=int(round(fps)),
-                           out_pixel_format="yuv420p")  # yuv420p: what browsers and players decode
-    except Exception as e:  # a PyAV build without an H.264 encoder
-        raise UserError(f"could not encode MP4 with ffmpeg ({e}); write a .gif instead") from None
 
 
 def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, level: int | None = None,
@@ -165,7 +122,7 @@ def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, lev
     session = wm.play_session(context[None], np.full((1, C - 1), NOOP), steps=maskgit_steps, seed=seed)
     dreamed = [session.step(torch.tensor([a]))[0] for a in acts]                       # T x (S, S, 3)
     frames = np.concatenate([context, np.stack(dreamed)])                              # (C + steps, S, S, 3)
-    video = np.concatenate([upscale(frames), timeline(len(frames), C, frames.shape[2] * SCALE)], axis=1)
+    video = np.concatenate([upscale(frames, SCALE), timeline(len(frames), C, frames.shape[2] * SCALE)], axis=1)
     write_bytes_atomic(path, encode_video(video, suffix, fps))
     print(f"dreamed {steps} frames after {C} real ones of level {level} ({split_of(level)} split, {wm.precision}) -> {path}")
     return path

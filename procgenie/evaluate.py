@@ -24,7 +24,12 @@ from procgenie.data.store import Dataset
 from procgenie.errors import UserError
 from procgenie.models import check_data
 from procgenie.nn.quantize import usage
+from procgenie.steering import held_keys
+from procgenie.vocab import NUM_ACTIONS
 from procgenie.world import WorldModel
+
+
+HELD_KEY_LEVELS = 16  # test-split levels (seeds 0, 20, 40, ...) on which each key is held from the start
 
 
 def test_clips(ds: Dataset, k: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,40 +102,43 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     lam_pred = (lam_pred.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     nmi_latent, nmi_real = _action_pairs(wm, ds, seed)
     A = wm.num_latent_actions
-    confusion = np.zeros((15, A), np.int64)
+    confusion = np.zeros((NUM_ACTIONS, A), np.int64)
     np.add.at(confusion, (nmi_real, nmi_latent), 1)
     lam = {"psnr": float(M.psnr(lam_pred, clips[:, 1:]).mean()), "num_actions": int(A),
            "actions_used": int(len(np.unique(nmi_latent))), "nmi_real_actions": M.nmi(nmi_latent, nmi_real)}
     bar.update()
 
-    # Dynamics: autoregressive rollouts under the inferred and under random latent actions.
-    acts = latent[:, C - 1:C + H - 1]                                         # a_{C-1} leads to frame C
-    gen = wm.generate(clips[:, :C], acts, steps=maskgit_steps, seed=seed)    # (K, H, ...)
+    # Dynamics: autoregressive rollouts under the inferred latent actions (the real ones, for a run whose only
+    # dynamics model is on real actions) and under random ones.
+    given = latent if wm.action_kind == "latent" else real                   # (K, C+H-1)
+    acts = given[:, C - 1:C + H - 1]                                         # a_{C-1} leads to frame C
+    before = None if wm.action_kind == "latent" else real[:, :C - 1]         # the LAM infers the context's own
+    gen = wm.generate(clips[:, :C], acts, steps=maskgit_steps, seed=seed, context_actions=before)  # (K, H, ...)
     bar.update()
-    rand = np.random.default_rng(seed + 1).integers(0, A, acts.shape)
-    gen_rand = wm.generate(clips[:, :C], rand, steps=maskgit_steps, seed=seed)
+    rand = np.random.default_rng(seed + 1).integers(0, wm.num_actions, acts.shape)
+    gen_rand = wm.generate(clips[:, :C], rand, steps=maskgit_steps, seed=seed, context_actions=before)
     bar.update()
     # Play: what a player gets, rollouts under the actions play sends for the clip's real keys (and the keys that
     # led to the context frames), against random actions of the same kind.
     keys = real[:, C - 1:C + H - 1]
     gen_play = wm.play(clips[:, :C], keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
     if wm.play_kind == "real":
-        play_rand = wm.play(clips[:, :C], np.random.default_rng(seed + 2).integers(0, 15, keys.shape), seed=seed,
+        play_rand = wm.play(clips[:, :C], np.random.default_rng(seed + 2).integers(0, NUM_ACTIONS, keys.shape), seed=seed,
                             context_keys=real[:, :C - 1], steps=maskgit_steps)
     else:
         play_rand = wm.generate(clips[:, :C], rand, steps=wm.play_steps(maskgit_steps), seed=seed)
     bar.update()
     # Teacher-forced single steps: each horizon frame from the C real frames before it.
     ctx = np.concatenate([clips[:, h:h + C] for h in range(H)])               # (H*K, C, ...)
-    one = wm.generate(ctx, np.concatenate([latent[:, C + h - 1:C + h] for h in range(H)]),
-                      steps=maskgit_steps, seed=seed)[:, 0]
+    one = wm.generate(ctx, np.concatenate([given[:, C + h - 1:C + h] for h in range(H)]), steps=maskgit_steps,
+                      seed=seed, context_actions=None if before is None else np.concatenate([real[:, h:h + C - 1] for h in range(H)]))[:, 0]
     truth_one = np.concatenate([clips[:, C + h] for h in range(H)])
     bar.update()
     bar.close()
     future = clips[:, C:]
     psnr_by_step = _per_step(M.psnr, gen, future)
     psnr_rand = _per_step(M.psnr, gen_rand, future)
-    dynamics = {"context": C, "horizon": H, "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
+    dynamics = {"action_kind": wm.action_kind, "context": C, "horizon": H, "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
                 "psnr_1step": float(M.psnr(one, truth_one).mean()), "ssim_1step": float(M.ssim(one, truth_one).mean()),
                 "psnr_by_step": psnr_by_step, "ssim_by_step": _per_step(M.ssim, gen, future),
                 "delta_psnr_t4": psnr_by_step[3] - psnr_rand[3], "mean_psnr_over_horizon": float(np.mean(psnr_by_step)),
@@ -139,7 +147,8 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     # Moving clips: the real frame at the last step differs from the last context frame (CoinRun's still screens
     # score the copy-last baseline at PSNR's cap).
     moving = (future[:, -1] != clips[:, C - 1]).reshape(K, -1).any(1)
-    last = lambda a: float(M.psnr(a[moving, -1], future[moving, -1]).mean()) if moving.any() else float("nan")
+    def last(a):  # None (JSON's null) when no clip moved
+        return float(M.psnr(a[moving, -1], future[moving, -1]).mean()) if moving.any() else None
     dynamics["moving"] = {"clips": int(moving.sum()), "psnr_last_step": last(gen), "copy_last_last_step": last(copy)}
     psnr_play, psnr_play_rand = _per_step(M.psnr, gen_play, future), _per_step(M.psnr, play_rand, future)
     play = {"action_kind": wm.play_kind, "maskgit_steps": wm.play_steps(maskgit_steps), "psnr_by_step": psnr_play,
@@ -149,7 +158,8 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
             "moving_psnr_last_step": last(gen_play),
             "motion_error_px": float(M.motion_error(gen_play, future, clips[:, C - 1]).mean()),
             "still_motion_error_px": float(M.motion_error(copy, future, clips[:, C - 1]).mean()),
-            "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean())}
+            "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean()),
+            "held_keys": held_keys(wm, [20 * i for i in range(min(K, HELD_KEY_LEVELS))], C, H, seed)}
     result = {
         "data": {"episodes": K, "frames": int(K * (C + H))},
         "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics, "play": play,
@@ -172,11 +182,19 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
               f"{psnr_by_step[-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
               f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}")
         print(f"play ({play['action_kind']} actions): step {H} {psnr_play[-1]:.2f} dB, delta_psnr_t4 "
-              f"{play['delta_psnr_t4']:.2f}, moving clips' last step {play['moving_psnr_last_step']:.2f} (copy-last "
-              f"{dynamics['moving']['copy_last_last_step']:.2f}), camera error {play['motion_error_px']:.1f} px "
+              f"{play['delta_psnr_t4']:.2f}, moving clips' last step {_num(play['moving_psnr_last_step'])} (copy-last "
+              f"{_num(dynamics['moving']['copy_last_last_step'])}), camera error {play['motion_error_px']:.1f} px "
               f"(never moving {play['still_motion_error_px']:.1f})")
+        print("held keys (camera shift, dream / real, same direction): " + "; ".join(
+            f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
+            + ("level never moved" if v["same_direction"] is None else f"{v['same_direction']:.0%}")
+            for k, v in play["held_keys"].items()))
         print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
     return result
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _action_pairs(wm: WorldModel, ds: Dataset, seed: int, batches: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from procgenie.errors import UserError
 from procgenie.nn.dynamics import Dynamics
 from procgenie.nn.lam import LAM
 from procgenie.nn.tokenizer import Tokenizer
+from procgenie.vocab import NUM_ACTIONS
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -40,7 +41,7 @@ def build(sc: C.StageConfig, links: dict | None = None) -> torch.nn.Module:
     tok, lam = (links or {}).get("tokenizer"), (links or {}).get("lam")
     if not tok or not lam:
         raise UserError("a dynamics config must name its tokenizer and LAM (links): retrain the dynamics stage")
-    actions = C.REAL_ACTIONS if sc.model.actions == "real" else lam["num_actions"]
+    actions = NUM_ACTIONS if sc.model.actions == "real" else lam["num_actions"]
     return Dynamics(sc.model, tok["vocab"], tok["positions"], tok["codes_per_position"], actions,
                     tok.get("fsq_levels"))
 
@@ -117,8 +118,8 @@ def build_for_training(stage: str, sc: C.StageConfig, ds, run_dir: Path, device)
 
 @torch.no_grad()
 def action_map(lam: LAM, sampler, device, batches: int = 200) -> dict:
-    """Co-occurrence counts of real (rows, 15) and latent (columns) actions over training clips."""
-    counts = np.zeros((15, lam.cfg.num_actions), np.int64)
+    """Co-occurrence counts of real (rows, NUM_ACTIONS) and latent (columns) actions over training clips."""
+    counts = np.zeros((NUM_ACTIONS, lam.cfg.num_actions), np.int64)
     for step in range(batches):
         b = sampler.batch(10_000_000 + step)  # steps no training run reaches: fresh clips
         latent = lam.infer(b["frames"].to(device)).cpu().numpy().ravel()

@@ -9,13 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from procgenie.atomic import write_atomic, write_bytes_atomic
-from procgenie.data.store import ACTION_NAMES
 from procgenie.metrics import psnr, ssim
-
-
-def upscale(frames: np.ndarray, k: int = 3) -> np.ndarray:
-    """Nearest-neighbour upscaling of (..., H, W, C) frames: crisp pixels, as the game shows them."""
-    return frames.repeat(k, axis=-3).repeat(k, axis=-2)
+from procgenie.video import upscale
+from procgenie.vocab import ACTION_NAMES, NUM_ACTIONS
 
 
 def _plt():
@@ -113,7 +109,7 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
     fig, ax = plt.subplots(figsize=(5, 5))
     share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     ax.imshow(share, cmap="viridis", aspect="auto", vmin=0, vmax=1)
-    ax.set_yticks(range(15), ACTION_NAMES, fontsize=7)
+    ax.set_yticks(range(NUM_ACTIONS), ACTION_NAMES, fontsize=7)
     ax.set_xticks(range(confusion.shape[1]))
     ax.set_xlabel("latent action")
     ax.set_title(f"real vs latent actions (row shares), NMI {m['lam']['nmi_real_actions']:.3f}")
@@ -141,6 +137,8 @@ def _fmt(v) -> str:
         return f"{v:.4g}"
     if isinstance(v, list):
         return ", ".join(_fmt(x) for x in v)
+    if isinstance(v, dict):
+        return "; ".join(f"{html.escape(str(k))}: {_fmt(x)}" for k, x in v.items())
     return html.escape(str(v))
 
 

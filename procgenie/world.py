@@ -20,6 +20,7 @@ from procgenie import checkpoint as ckpt
 from procgenie.errors import UserError
 from procgenie.models import check_links, load_stage, pick_device, read_action_map
 from procgenie.precision import autocast, resolve
+from procgenie.vocab import NUM_ACTIONS
 
 
 def _frames_in(frames, size: int, name: str, min_t: int = 1) -> torch.Tensor:
@@ -104,7 +105,7 @@ class WorldModel:
 
     @property
     def num_actions(self) -> int:
-        """How many actions `generate` takes: the latent count, or 15."""
+        """How many actions `generate` takes: the latent count, or Procgen's 15."""
         return self.dynamics.A
 
     def play_steps(self, asked: int | None = None) -> int:
@@ -177,17 +178,17 @@ class WorldModel:
         context frame to the next (play starts from frames under no-op); default unknown (a latent model infers
         them from the frames). steps: MaskGIT rounds per frame, default play's own (`play_steps`)."""
         ctx = _frames_in(context, self.image_size, "context")
-        keys = self._actions_in(keys, "keys", 15, ctx.shape[0])
+        keys = self._actions_in(keys, "keys", NUM_ACTIONS, ctx.shape[0])
         if context_keys is not None:
-            context_keys = self._context_in(context_keys, 15, ctx)
+            context_keys = self._context_in(context_keys, NUM_ACTIONS, ctx)
         if self.play_kind == "latent":
-            keys = np.array([self.latent_for_real_action(a) for a in range(15)])[keys]
+            keys = np.array([self.latent_for_real_action(a) for a in range(NUM_ACTIONS)])[keys]
         return self._run(self.play_session(ctx.numpy(), context_keys, steps, seed), keys)
 
     def latent_for_real_action(self, real_action: int) -> int:
         """The latent action that the training data shows most often with this Procgen action (0..14)."""
-        if not 0 <= int(real_action) < 15:
-            raise UserError(f"a Procgen action lies in 0..14, got {real_action}")
+        if not 0 <= int(real_action) < NUM_ACTIONS:
+            raise UserError(f"a Procgen action lies in 0..{NUM_ACTIONS - 1}, got {real_action}")
         if self._action_map is None:
             raise UserError(f"{self.run_dir}/lam has no action_map.json: retrain the lam stage to write it")
         return int(self._action_map[int(real_action)])

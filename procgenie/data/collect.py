@@ -8,9 +8,7 @@ crash removes the unrecorded leftovers and collects only the episodes still miss
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import multiprocessing as mp
 import os
 import signal
@@ -28,19 +26,12 @@ from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
 from procgenie.errors import Stopped, UserError
 from procgenie.stopping import StopSignals
+from procgenie.vocab import NUM_ACTIONS, make_env
 
 PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
                  "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 # The settings that must match for a rerun to continue a dataset rather than start another.
 IDENTITY = ("env", "policy", "start_level", "num_levels", "max_steps", "seed", "distribution_mode")
-
-
-def make_env(env: str, num: int, start_level: int, num_levels: int, seed: int, distribution_mode: str = "hard"):
-    """A ProcgenGym3Env pinned to a level range (quietly: gym prints a deprecation notice on import)."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        from procgen import ProcgenGym3Env
-    return ProcgenGym3Env(num=num, env_name=env, start_level=start_level, num_levels=num_levels,
-                          rand_seed=seed, distribution_mode=distribution_mode, num_threads=0)
 
 
 def _worker(args: dict, worker: int, session: int, quota: int, send, stop: StopSignals) -> None:
@@ -172,7 +163,7 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
             if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
                 raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
             manifest = {"format": store.FORMAT, "version": store.VERSION, "env": env, "image_size": 64,
-                        "num_actions": 15, "split_rule": store.SPLIT_RULE, "collect": identity, "sessions": 0,
+                        "num_actions": NUM_ACTIONS, "split_rule": store.SPLIT_RULE, "collect": identity, "sessions": 0,
                         "shards": []}
         (root / "shards").mkdir(parents=True, exist_ok=True)
         store.remove_orphans(root, manifest)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NUM_ACTIONS = 15
-LEFT, NOOP, UP, RIGHT, RIGHT_UP, LEFT_UP, DOWN = 1, 4, 5, 7, 8, 2, 3
+from procgenie.vocab import DOWN, LEFT, LEFT_UP, NOOP, NUM_ACTIONS, RIGHT, RIGHT_UP, UP
 
 # explorer's action distribution when it changes action: mostly right and right-jumps.
 _EXPLORE_P = np.full(NUM_ACTIONS, 0.01)

@@ -25,14 +25,12 @@ import numpy as np
 
 from procgenie.atomic import read_json_object, write_atomic, write_json_atomic
 from procgenie.errors import UserError
+from procgenie.vocab import ACTION_NAMES
 
 FORMAT = "procgenie-dataset"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^(train|val|test)-s\d{3}-w\d{2}-\d{5}$")
-# Procgen CoinRun's 15 buttons combos, in its own action order.
-ACTION_NAMES = ("left-down", "left", "left-up", "down", "noop", "up", "right-down", "right", "right-up",
-                "d", "a", "w", "s", "q", "e")
 
 
 def split_of(level_seed: int) -> str:

@@ -157,7 +157,12 @@ class Dynamics(nn.Module):
                 h = self.transformer(x, pos=torch.tensor([t - 1, t], device=dev), caches=caches, commit=1)[:, 1:]
             else:
                 h = self.transformer(x, pos=torch.tensor([t], device=dev), caches=caches)
-            sample, conf = self._pick(self._logits(h)[:, 0].float(), decode, temperature, generator)  # (B, N, G) each
+            logits = self._logits(h)[:, 0].float()                              # (B, N, G, V)
+            if self.real and self.cfg.guidance != 1:  # the same frame under "unknown", after the pending frame joined
+                x = self._embed(codes, torch.full_like(action_B, self.A)[:, None], True)
+                free = self._logits(self.transformer(x, pos=torch.tensor([t], device=dev), caches=caches))[:, 0].float()
+                logits = free + self.cfg.guidance * (logits - free)
+            sample, conf = self._pick(logits, decode, temperature, generator)  # (B, N, G) each
             known = codes[:, 0] != self.mask_id
             conf = conf.masked_fill(known, math.inf)                        # known codes stay
             sample = torch.where(known, codes[:, 0], sample)

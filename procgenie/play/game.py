@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from aiohttp import web
 
-from procgenie.dream import NOOP, REAL_ACTIONS, context_length, encode_video, random_test_level, start_frames, upscale
+from procgenie.dream import context_length, random_test_level
+from procgenie.video import encode_video, upscale
+from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, start_frames
 from procgenie.errors import UserError
 from procgenie.play.protocol import BadMessage, parse, real_action, real_for_latent
 
@@ -46,7 +48,7 @@ class Hub:
         if counts is None:
             raise UserError(f"{wm.run_dir}/lam has no action_map.json: retrain the lam stage to write it")
         self.latent_to_real = real_for_latent(counts)                      # (A,)
-        self.real_to_latent = [wm.latent_for_real_action(a) for a in range(15)]
+        self.real_to_latent = [wm.latent_for_real_action(a) for a in range(NUM_ACTIONS)]
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="procgenie-model")
         # Procgen's first env in a process takes ~1.5 s to load its library: pay that now, not at the first player.
         self.executor.submit(lambda: start_frames(0, 1, wm.env)[0].close())
@@ -68,7 +70,7 @@ class Hub:
         return {"type": "hello", "num_latent_actions": self.wm.num_latent_actions, "action_kind": self.wm.play_kind,
                 "fps": self.fps,
                 "maskgit_steps": self.steps, "context": self.context, "size": self.wm.image_size,
-                "real_actions": list(REAL_ACTIONS), "latent_to_real": self.latent_to_real.tolist(),
+                "real_actions": list(MOVES), "latent_to_real": self.latent_to_real.tolist(),
                 "real_to_latent": self.real_to_latent, "controls": self.controls()}
 
     def controls(self) -> str:
@@ -145,7 +147,7 @@ class Player:
                 await self.stop_recording()
         if source == "keys" and self.hub.wm.play_kind == "real":
             latent = None  # the dream took the key itself
-        await self.send_frame(dream, real_frame, {"action": REAL_ACTIONS[real], "real": real, "latent": latent,
+        await self.send_frame(dream, real_frame, {"action": MOVES[real], "real": real, "latent": latent,
                                                   "source": source, "ms": round(ms, 1), "real_done": done})
 
     async def run(self) -> None:

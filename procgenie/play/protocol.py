@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from procgenie.dream import NOOP
+from procgenie.vocab import NOOP, key_action as real_action  # noqa: F401  (the server's name for it)
 
 MAX_MESSAGE = 1024          # bytes in one client message; longer ones get an error reply
 NONE = type(None)
@@ -26,12 +26,6 @@ MESSAGES = {  # type -> {field: allowed types}; `bool` is not accepted for `int`
 
 class BadMessage(Exception):
     """A client message that is refused: its text goes back as an error reply."""
-
-
-def real_action(left: bool, right: bool, up: bool, down: bool) -> int:
-    """Held keys -> Procgen action 0..8: left+right cancel, up (jump) wins over down."""
-    dx = int(right) - int(left)
-    return 3 * (dx + 1) + (2 if up else 0 if down else 1)
 
 
 def real_for_latent(counts_RA: np.ndarray) -> np.ndarray:
