@@ -32,13 +32,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from procgenie import config as C
-from procgenie.vocab import NUM_ACTIONS
 from procgenie.atomic import write_json_atomic
 from procgenie.errors import UserError
 from procgenie.models import build, pick_device, shape_links
 from procgenie.precision import check as check_precision
 from procgenie.precision import resolve
 from procgenie.train import make_optimizer, set_act_ckpt, set_cpu_threads, speed_settings, train_step
+from procgenie.vocab import NUM_ACTIONS
 
 
 def _say(msg: str) -> None:
@@ -115,7 +115,7 @@ def training_setup(stage: str, stages: dict[str, C.StageConfig], device) -> tupl
     B, T = t.batch_size, sc.model.seq_len
     gen = torch.Generator().manual_seed(0)
     batch = {"frames": torch.randint(0, 256, (B, T, size, size, 3), dtype=torch.uint8, generator=gen),  # (B,T,H,W,C)
-             "actions": torch.randint(0, NUM_ACTIONS, (B, T - 1), generator=gen)}                                # (B, T-1)
+             "actions": torch.randint(0, NUM_ACTIONS, (B, T - 1), generator=gen)}                          # (B, T-1)
     if device.type == "cuda":  # as the training loader hands them over
         batch = {k: v.pin_memory() for k, v in batch.items()}
     return model, opt, batch

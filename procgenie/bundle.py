@@ -1,8 +1,8 @@
 """Make a trained run the bundled pretrained model: `python -m procgenie.bundle RUN`.
 
-Copies each stage's (and each dynamics model's) config.json, log.jsonl and weights (stored in bf16, half the size; the models
-load them into float32) into procgenie/pretrained/coinrun, without the trainer state, and points the
-dynamics model's links at the new weight files' fingerprints. docs/bundled.md records how the
+Copies each stage's (and each dynamics model's) config.json, log.jsonl and weights (stored in bf16, half
+the size; the models load them into float32) into procgenie/pretrained/coinrun, without the trainer
+state, and points the dynamics models' links at the new weight files' fingerprints. docs/bundled.md records how the
 bundled model was trained.
 """
 

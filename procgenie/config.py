@@ -296,7 +296,8 @@ def validate(sc: StageConfig) -> None:
     if t.precision not in PRECISIONS:
         raise UserError(f"{sc.stage}: train.precision must be auto, bf16 or fp32, not '{t.precision}'")
     if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}")
+        raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum "
+                        f"{t.grad_accum}")
     for name in ("lr", "warmup", "weight_decay", "grad_clip", "seed", "workers"):
         if getattr(t, name) < 0:
             raise UserError(f"{sc.stage}: train.{name} must not be negative")

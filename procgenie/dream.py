@@ -124,5 +124,6 @@ def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, lev
     frames = np.concatenate([context, np.stack(dreamed)])                              # (C + steps, S, S, 3)
     video = np.concatenate([upscale(frames, SCALE), timeline(len(frames), C, frames.shape[2] * SCALE)], axis=1)
     write_bytes_atomic(path, encode_video(video, suffix, fps))
-    print(f"dreamed {steps} frames after {C} real ones of level {level} ({split_of(level)} split, {wm.precision}) -> {path}")
+    print(f"dreamed {steps} frames after {C} real ones of level {level} ({split_of(level)} split, {wm.precision}) "
+          f"-> {path}")
     return path

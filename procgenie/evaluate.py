@@ -28,7 +28,6 @@ from procgenie.steering import held_keys
 from procgenie.vocab import NUM_ACTIONS
 from procgenie.world import WorldModel
 
-
 HELD_KEY_LEVELS = 16  # test-split levels (seeds 0, 20, 40, ...) on which each key is held from the start
 
 
@@ -123,22 +122,24 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     keys = real[:, C - 1:C + H - 1]
     gen_play = wm.play(clips[:, :C], keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
     if wm.play_kind == "real":
-        play_rand = wm.play(clips[:, :C], np.random.default_rng(seed + 2).integers(0, NUM_ACTIONS, keys.shape), seed=seed,
-                            context_keys=real[:, :C - 1], steps=maskgit_steps)
+        random_keys = np.random.default_rng(seed + 2).integers(0, NUM_ACTIONS, keys.shape)
+        play_rand = wm.play(clips[:, :C], random_keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
     else:
         play_rand = wm.generate(clips[:, :C], rand, steps=wm.play_steps(maskgit_steps), seed=seed)
     bar.update()
     # Teacher-forced single steps: each horizon frame from the C real frames before it.
     ctx = np.concatenate([clips[:, h:h + C] for h in range(H)])               # (H*K, C, ...)
+    ctx_acts = None if before is None else np.concatenate([real[:, h:h + C - 1] for h in range(H)])
     one = wm.generate(ctx, np.concatenate([given[:, C + h - 1:C + h] for h in range(H)]), steps=maskgit_steps,
-                      seed=seed, context_actions=None if before is None else np.concatenate([real[:, h:h + C - 1] for h in range(H)]))[:, 0]
+                      seed=seed, context_actions=ctx_acts)[:, 0]
     truth_one = np.concatenate([clips[:, C + h] for h in range(H)])
     bar.update()
     bar.close()
     future = clips[:, C:]
     psnr_by_step = _per_step(M.psnr, gen, future)
     psnr_rand = _per_step(M.psnr, gen_rand, future)
-    dynamics = {"action_kind": wm.action_kind, "context": C, "horizon": H, "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
+    dynamics = {"action_kind": wm.action_kind, "context": C, "horizon": H,
+                "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
                 "psnr_1step": float(M.psnr(one, truth_one).mean()), "ssim_1step": float(M.ssim(one, truth_one).mean()),
                 "psnr_by_step": psnr_by_step, "ssim_by_step": _per_step(M.ssim, gen, future),
                 "delta_psnr_t4": psnr_by_step[3] - psnr_rand[3], "mean_psnr_over_horizon": float(np.mean(psnr_by_step)),
@@ -176,8 +177,9 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
                  code_hist=code_hist, confusion=confusion)
     if not quiet:
         d = dynamics
-        print(f"tokenizer PSNR {tokenizer['psnr']:.2f} dB, SSIM {tokenizer['ssim']:.3f}, codes {tokenizer['codebook_used']}"
-              f"/{tokenizer['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions {lam['actions_used']}/{A}, NMI "
+        print(f"tokenizer PSNR {tokenizer['psnr']:.2f} dB, SSIM {tokenizer['ssim']:.3f}, codes "
+              f"{tokenizer['codebook_used']}/{tokenizer['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions "
+              f"{lam['actions_used']}/{A}, NMI "
               f"{lam['nmi_real_actions']:.3f}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
               f"{psnr_by_step[-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
               f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}")

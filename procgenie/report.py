@@ -64,7 +64,8 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
     ax.set_xlabel("code, most used first")
     ax.set_ylabel("count")
     t = m["tokenizer"]
-    ax.set_title(f"codebook usage: {t['codebook_used']}/{t['codebook_size']} codes used, perplexity {t['perplexity']:.0f}")
+    ax.set_title(f"codebook usage: {t['codebook_used']}/{t['codebook_size']} codes used, "
+                 f"perplexity {t['perplexity']:.0f}")
     _save(fig, out / "codebook_usage.png")
 
     # Single-step predictions (teacher-forced): last real frame | prediction | truth.
@@ -144,14 +145,14 @@ def _fmt(v) -> str:
 
 def _html(m: dict) -> str:
     d, b = m["dynamics"], m["baseline_copy_last"]
-    head = (f"Tokenizer {m['tokenizer']['psnr']:.2f} dB PSNR; step-{d['horizon']} rollout {d['psnr_by_step'][-1]:.2f} dB "
-            f"against {b['psnr_by_step'][-1]:.2f} dB for copying the last frame; delta PSNR at step 4 "
-            f"{d['delta_psnr_t4']:.2f} dB.")
+    head = (f"Tokenizer {m['tokenizer']['psnr']:.2f} dB PSNR; step-{d['horizon']} rollout "
+            f"{d['psnr_by_step'][-1]:.2f} dB against {b['psnr_by_step'][-1]:.2f} dB for copying the last frame; "
+            f"delta PSNR at step 4 {d['delta_psnr_t4']:.2f} dB.")
     if "play" in m:
         p = m["play"]
-        head += (f" Under play's {p['action_kind']} keys: step {d['horizon']} {p['psnr_by_step'][-1]:.2f} dB, delta PSNR "
-                 f"at step 4 {p['delta_psnr_t4']:.2f} dB, camera error {p['motion_error_px']:.1f} px (a dream that never "
-                 f"moves: {p['still_motion_error_px']:.1f}).")
+        head += (f" Under play's {p['action_kind']} keys: step {d['horizon']} {p['psnr_by_step'][-1]:.2f} dB, "
+                 f"delta PSNR at step 4 {p['delta_psnr_t4']:.2f} dB, camera error {p['motion_error_px']:.1f} px "
+                 f"(a dream that never moves: {p['still_motion_error_px']:.1f}).")
     figures = [
         ("recon_grid.png", "Tokenizer: test frames (top) and their reconstructions (bottom)."),
         ("codebook_usage.png", "Codebook usage over the test clips."),

@@ -351,8 +351,8 @@ def resolve_stage_config(stage: str, run: Path, preset: str | None, steps: int |
     if saved:
         old = C.to_dict(saved[0])
         new = C.to_dict(sc)
-        diffs = [f"{sec}.{k} {old[sec][k]!r} (now {new[sec][k]!r})" for sec in ("model", "train")
-                 for k in new[sec] if old[sec].get(k) != new[sec][k] and not (sec == "train" and k in RESUMABLE_CHANGES)]
+        diffs = [f"{sec}.{k} {old[sec][k]!r} (now {new[sec][k]!r})" for sec in ("model", "train") for k in new[sec]
+                 if old[sec].get(k) != new[sec][k] and not (sec == "train" and k in RESUMABLE_CHANGES)]
         if diffs:
             raise UserError(f"{stage_dir} was trained with other settings: {', '.join(diffs[:4])}; rerun with the "
                             "same settings to resume, or choose another --run")

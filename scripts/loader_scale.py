@@ -56,5 +56,6 @@ results = {}
 for workers in (0, 1, 2):
     r = loader_frames_per_s(str(root), 8, 16, seconds=seconds, workers=workers)
     results[workers] = r
-    print(f"workers={workers}: {r['batch_ms']:.2f} ms/batch, {r['frames_per_s']:,.0f} frames/s over {r['frames']:,} frames")
+    print(f"workers={workers}: {r['batch_ms']:.2f} ms/batch, {r['frames_per_s']:,.0f} frames/s over "
+          f"{r['frames']:,} frames")
 print(json.dumps(results))

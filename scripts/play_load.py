@@ -82,8 +82,8 @@ async def player(http, url: str, seconds: float | None = None, frames: int | Non
 
 def summary(times: list[float]) -> dict:
     gaps = np.diff(times[5:]) * 1000  # past the first frames (session start)
-    return {"frames": len(times), "fps": len(gaps) / (gaps.sum() / 1000), "interval_ms_p50": float(np.percentile(gaps, 50)),
-            "interval_ms_p95": float(np.percentile(gaps, 95))}
+    return {"frames": len(times), "fps": len(gaps) / (gaps.sum() / 1000),
+            "interval_ms_p50": float(np.percentile(gaps, 50)), "interval_ms_p95": float(np.percentile(gaps, 95))}
 
 
 async def crowd(url: str, n: int, seconds: float) -> list[dict]:

@@ -348,7 +348,8 @@ def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(capsys, mo
     assert not list(stage.glob(".*.tmp"))
     # space freed: the same command finishes, to the weights of a run that never failed
     assert main([*args, "--run", str(tmp_path / "run")]) == 0
-    a, b = load_file(str(stage / "model.safetensors")), load_file(str(tmp_path / "unbroken/tokenizer/model.safetensors"))
+    a = load_file(str(stage / "model.safetensors"))
+    b = load_file(str(tmp_path / "unbroken/tokenizer/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 

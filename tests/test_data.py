@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, write_synthetic
+
 from procgenie.data import store
 from procgenie.data.loader import ClipSampler, batches
 from procgenie.errors import UserError

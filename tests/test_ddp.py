@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli
 
 SETTINGS = ["workers=0", "log_every=1", "precision=fp32"]

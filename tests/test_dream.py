@@ -5,11 +5,11 @@ from __future__ import annotations
 import imageio.v3 as iio
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from procgenie.dream import DEFAULT_ACTIONS, SCALE, parse_actions, timeline
-from procgenie.vocab import MOVES as REAL_ACTIONS
 from procgenie.errors import UserError
+from procgenie.vocab import MOVES as REAL_ACTIONS
 
 LATENT_OF = {7: 3, 8: 5, 1: 2, 5: 6}.get  # a made-up action map: right -> 3, right-up -> 5, left -> 2, up -> 6
 

@@ -17,9 +17,9 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from conftest import run_cli
 
 from procgenie.play import server as play
-from conftest import run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -173,7 +173,8 @@ def test_a_busy_port_is_one_clear_line(tiny_run):
     assert len(lines) == 1 and f"port {port}" in lines[0] and "--port N" in lines[0], proc.stderr
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM}: `apt-get install chromium` for the browser test")
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"no {CHROMIUM}: `apt-get install chromium` for the browser test")
 def test_a_browser_plays_pauses_steps_records_and_resets(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     step = "+document.getElementById('step').textContent"

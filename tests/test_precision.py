@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from procgenie import checkpoint as ckpt
 from procgenie import precision as P
 from procgenie.cli import build_parser
@@ -61,7 +61,8 @@ def test_old_runs_bf16_setting_reads_as_precision():
     assert ckpt.C.from_dict(d).train.precision == "fp32"
 
 
-@pytest.mark.parametrize("command", [["train", "all", "--data", "D", "--run", "R"], ["eval", "--data", "D", "--out", "O"],
+@pytest.mark.parametrize("command", [["train", "all", "--data", "D", "--run", "R"],
+                                     ["eval", "--data", "D", "--out", "O"],
                                      ["play"], ["dream", "--out", "x.gif"], ["bench"]])
 def test_every_computing_command_takes_the_setting(command):
     parser = build_parser()

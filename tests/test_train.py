@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from procgenie import config as C
 from procgenie.data.loader import ClipSampler
 from procgenie.data.store import Dataset

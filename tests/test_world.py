@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from procgenie import WorldModel
 from procgenie.data.store import Dataset
 from procgenie.errors import UserError

@@ -107,7 +107,8 @@ class Dynamics(nn.Module):
             # Fixed shapes keep the compiled graph whole (indexing by the mask breaks it and waits for the GPU);
             # the compiler fuses the float32 upcast into the loss.
             w = mask.flatten().float()
-            ce = (F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="none") * w).sum() / w.sum()
+            ce = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="none")
+            ce = (ce * w).sum() / w.sum()
             acc = ((logits.argmax(-1) == target).flatten().float() * w).sum() / w.sum()
         else:
             # Only the masked codes' logits (M, V) go to float32: a float copy of all of them cost 5 to 10% of the step.
@@ -122,7 +123,8 @@ class Dynamics(nn.Module):
         T = codes_BTNG.shape[1]
         act_in = F.pad(actions_BT, (1, 0), value=self.A)                   # frame t gets a_{t-1}
         masked = codes_BTNG[:, 1:].masked_fill(mask_BTNG, self.mask_id)
-        x = torch.cat([self._embed(codes_BTNG[:, :-1], act_in[:, :-1], False), self._embed(masked, act_in[:, 1:], True)], 1)
+        x = torch.cat([self._embed(codes_BTNG[:, :-1], act_in[:, :-1], False),
+                       self._embed(masked, act_in[:, 1:], True)], 1)
         pos = torch.cat([torch.arange(T - 1), torch.arange(1, T)]).to(codes_BTNG.device)
         h = self.transformer(x, tmask=two_stream_mask(T, codes_BTNG.device), pos=pos)
         return self._logits(h[:, T - 1:])

@@ -20,10 +20,10 @@ import numpy as np
 from aiohttp import web
 
 from procgenie.dream import context_length, random_test_level
-from procgenie.video import encode_video, upscale
-from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, start_frames
 from procgenie.errors import UserError
 from procgenie.play.protocol import BadMessage, parse, real_action, real_for_latent
+from procgenie.video import encode_video, upscale
+from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, start_frames
 
 FPS = 15                    # target frames per second of each connection
 MAX_SESSIONS = 4            # connections at once; more are told the server is full

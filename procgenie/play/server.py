@@ -155,7 +155,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, maskgit_steps: int | None = None,
-          level: int | None = None, fps: float = FPS, max_sessions: int = MAX_SESSIONS, precision: str = "auto") -> None:
+          level: int | None = None, fps: float = FPS, max_sessions: int = MAX_SESSIONS,
+          precision: str = "auto") -> None:
     """Serve the play page until Ctrl-C."""
     from procgenie.world import WorldModel
     if maskgit_steps is not None and maskgit_steps < 1:
@@ -174,7 +175,8 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, maskgit_steps: 
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"procgenie play: open http://{shown}:{bound}/  (model {hub.wm.run_dir}, {hub.wm.num_latent_actions} "
-          f"latent actions, {hub.steps} MaskGIT steps, {hub.wm.precision}, {fps:g} fps target, {max_sessions} players at most)")
+          f"latent actions, {hub.steps} MaskGIT steps, {hub.wm.precision}, {fps:g} fps target, "
+          f"{max_sessions} players at most)")
     print(f"controls: {hub.controls()}; Ctrl-C stops the server")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {host}: other machines that reach it can play too")
