@@ -45,6 +45,7 @@ from procgenie.stopping import StopSignals
 # Fields that may change when a run is resumed; any other difference means another experiment. The
 # speed and memory knobs are among them: a run may resume on other hardware (grad_accum keeps the global
 # batch; only which rows share a mask seed changes).
+VAL_BATCHES = 4  # val-split batches behind each logged validation loss
 RESUMABLE_CHANGES = {"steps", "workers", "log_every", "ckpt_every", "grad_accum", "compile", "act_ckpt", "precision"}
 
 
@@ -180,8 +181,9 @@ def make_optimizer(model: torch.nn.Module, t: C.TrainConfig, device) -> torch.op
 
 
 def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_dir: Path, device,
-        rank: int = 0, world: int = 1, quiet: bool = False) -> dict:
-    """Train `model` to sc.train.steps, resuming from stage_dir/state.safetensors if there is one."""
+        rank: int = 0, world: int = 1, quiet: bool = False, val: ClipSampler | None = None) -> dict:
+    """Train `model` to sc.train.steps, resuming from stage_dir/state.safetensors if there is one; at every
+    checkpoint, the loss on `val` (the val split's clips, where there are any) goes into val.jsonl."""
     t = sc.train
     opt = make_optimizer(model, t, device)
     state_path = stage_dir / "state.safetensors"
@@ -191,6 +193,7 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
     if rank == 0:  # what a killed run left behind: half-written checkpoints, log lines of steps it redoes
         remove_stale_tmp(stage_dir)
         _trim_log(stage_dir / "log.jsonl", start)
+        _trim_log(stage_dir / "val.jsonl", start)
     if start >= t.steps:
         if rank == 0 and not quiet:
             print(f"{sc.stage}: already trained to step {start} ({stage_dir})")
@@ -247,6 +250,12 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
                     raise _diverged(sc.stage, step, saved, t)
                 _checkpoint(model, opt, done, stage_dir, rank)
                 saved = done
+                if val is not None and rank == 0:
+                    loss = validation_loss(model, val, t, device)
+                    with open(stage_dir / "val.jsonl", "a") as f:
+                        f.write(json.dumps({"time": time.time(), "step": done, "val_loss": loss}) + "\n")
+                    if tb is not None:
+                        tb.add_scalar(f"{sc.stage}/val_loss", loss, done)
             if _any_rank(stop.signum is not None, device) and done < t.steps:
                 if saved != done:
                     _checkpoint(model, opt, done, stage_dir, rank)
@@ -291,6 +300,22 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
     opt.step()
     opt.zero_grad(set_to_none=True)
     return totals
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, val: ClipSampler, t: C.TrainConfig, device, batches: int = VAL_BATCHES
+                    ) -> float:
+    """The mean loss over the same `batches` val-split batches every time (masks seeded alike). Training's own
+    random numbers are not disturbed: each training step seeds them itself."""
+    model.eval()
+    total = 0.0
+    for i in range(batches):
+        batch = {k: v.to(device) for k, v in val.batch(i).items()}
+        torch.manual_seed(chunk_seed(t.seed, i, 0))
+        with autocast(device, resolve(t.precision, device)):
+            total += float(model(batch)[0]) / batches
+    model.train()
+    return total
 
 
 def _diverged(stage: str, step: int, saved: int, t: C.TrainConfig) -> UserError:
@@ -392,7 +417,10 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
                   f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}, "
                   f"{resolve(sc.train.precision, device)} (precision {sc.train.precision})"
                   + (f" x {world} ranks" if world > 1 else ""))
-        result = fit(model, sc, sampler, stage_dir, device, rank, world, quiet)
+        val = None
+        if rank == 0 and len(ds.episodes("val")) and (ds.episodes("val")["length"] >= sc.model.seq_len).any():
+            val = ClipSampler(ds, "val", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed)
+        result = fit(model, sc, sampler, stage_dir, device, rank, world, quiet, val)
         if stage == "lam" and rank == 0:  # which latent action each real action tends to be, for play
             write_action_map(run_dir, model, sampler, device)
     if world > 1:

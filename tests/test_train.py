@@ -33,6 +33,10 @@ def test_train_tokenizer_through_the_command_line(coinrun_data, tmp_path):
     assert cfg["data"]["env"] == "coinrun"
     log = [json.loads(line) for line in (stage / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8, 12] and all(r["psnr"] > 0 for r in log)
+    # At each checkpoint (the tiny preset's ckpt_every is 10, and the last step), the loss on val-split clips.
+    val = [json.loads(line) for line in (stage / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val] == [10, 12] and all(0 < r["val_loss"] < 10 for r in val)
+    assert val[0]["val_loss"] != val[1]["val_loss"]                 # measured, not copied
     assert list((stage / "tb").iterdir())                           # TensorBoard event files
     weights = load_file(str(stage / "model.safetensors"))
     model = Tokenizer(C.from_dict(cfg).model)
