@@ -21,9 +21,9 @@ from aiohttp import web
 
 from procgenie.dream import context_length, random_test_level
 from procgenie.errors import UserError
-from procgenie.play.protocol import BadMessage, parse, real_action, real_for_latent
+from procgenie.play.protocol import BadMessage, parse, real_for_latent
 from procgenie.video import encode_video, upscale
-from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, start_frames
+from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, key_action, start_frames
 
 FPS = 15                    # target frames per second of each connection
 MAX_SESSIONS = 4            # connections at once; more are told the server is full
@@ -124,7 +124,7 @@ class Player:
         """(latent, real, source) for the next step: a held number key, else the held arrows."""
         if self.latent is not None:
             return self.latent, int(self.hub.latent_to_real[self.latent]), "latent"
-        real = real_action(**self.keys)
+        real = key_action(**self.keys)
         return self.hub.real_to_latent[real], real, "keys"
 
     async def advance(self, timed: bool = True) -> None:

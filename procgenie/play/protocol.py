@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from procgenie.vocab import NOOP  # noqa: F401  (the server's name for it)
+from procgenie.vocab import NOOP
 
 MAX_MESSAGE = 1024          # bytes in one client message; longer ones get an error reply
 NONE = type(None)
