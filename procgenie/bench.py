@@ -34,10 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from procgenie import config as C
 from procgenie.atomic import write_json_atomic
 from procgenie.errors import UserError
-from procgenie.models import build, pick_device, shape_links
+from procgenie.models import Links, build, pick_device
 from procgenie.precision import check as check_precision
 from procgenie.precision import resolve
-from procgenie.train import make_optimizer, set_act_ckpt, set_cpu_threads, speed_settings, train_step
+from procgenie.runtime import set_cpu_threads, speed_settings
+from procgenie.train import make_optimizer, set_act_ckpt, train_step
 from procgenie.vocab import NUM_ACTIONS
 
 
@@ -99,7 +100,7 @@ def _models(stage: str, stages: dict[str, C.StageConfig], device) -> torch.nn.Mo
     if stage != "dynamics":
         return build(stages[stage]).to(device)
     tok, lam = build(stages["tokenizer"]).to(device), build(stages["lam"]).to(device)
-    model = build(stages["dynamics"], shape_links(tok, lam)).to(device)
+    model = build(stages["dynamics"], Links.of(tok, lam)).to(device)
     model.attach(tok, lam)
     return model
 
@@ -183,7 +184,7 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
     rng = np.random.default_rng(0)
 
     def one_frame():
-        session.step(torch.from_numpy(rng.integers(0, session.dyn.A, 1)))  # returns numpy: synced
+        session.step(torch.from_numpy(rng.integers(0, session.num_actions, 1)))  # returns numpy: synced
 
     for _ in range(wm.play_cfg.model.seq_len):  # fill the dynamics and decoder caches to their window
         one_frame()
@@ -207,8 +208,6 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
     """
     if not seconds > 0:
         raise UserError(f"--seconds must be positive, got {seconds}")
-    if maskgit_steps is not None and maskgit_steps < 1:
-        raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
     check_precision(precision)
     stages, device = prepare(preset, overrides, precision)
     bf16 = stages["dynamics"].train.precision == "bf16"

@@ -18,7 +18,7 @@ import torch
 from procgenie import checkpoint as ckpt
 from procgenie.atomic import write_json_atomic
 from procgenie.errors import UserError
-from procgenie.models import check_links, links_of, load_stage
+from procgenie.models import Links, check_links, load_stage
 
 STAGES = ("tokenizer", "lam", "dynamics")
 DYNAMICS = ("dynamics", "dynamics-real")  # on latent actions, on real ones: a run holds one or both
@@ -46,7 +46,7 @@ def bundle(run: Path, out: Path = ckpt.PRETRAINED) -> None:
             shutil.rmtree(out / folder, ignore_errors=True)  # a stale one from an earlier bundle
             continue
         config = json.loads((out / folder / "config.json").read_text())
-        config["links"] = links_of(out, models["tokenizer"], models["lam"])
+        config["links"] = Links.of(models["tokenizer"], models["lam"], out).to_json()
         write_json_atomic(out / folder / "config.json", config)
         check_links(out, config)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -41,6 +41,11 @@ def _data(a) -> None:
           f"{info['mean_episode_length']:.1f}  truncated {info['truncated']}")
     for s, d in info["splits"].items():
         print(f"  {s:<5} {d['episodes']:>7,} episodes {d['frames']:>10,} frames {d['levels']:>6,} levels")
+    if info["action_histogram"] is None:
+        im = info["import"] or {}
+        print(f"  no actions (imported from {len(im.get('sources', []))} recordings, fps {im.get('fps') or 'kept'}, "
+              f"fit {im.get('fit')})")
+        return
     print(f"  reached the coin (return > 0): {info['reached_coin']:.1%} of episodes")
     total = max(1, sum(info["action_histogram"].values()))
     print("  actions: " + "  ".join(f"{k} {v / total:.1%}" for k, v in info["action_histogram"].items()))
@@ -49,8 +54,14 @@ def _data(a) -> None:
           f"{c.get('start_level', 0) + c.get('num_levels', 0)}), seed {c.get('seed')}, max steps {c.get('max_steps')}")
 
 
+def _import(a) -> None:
+    from procgenie.data.importer import import_videos
+    import_videos(a.sources, a.out, fps=a.fps, size=a.size, fit=a.fit, crop=a.crop, episode_frames=a.episode_frames,
+                  name=a.name)
+
+
 def _train(a) -> None:
-    from procgenie.train import train_stages
+    from procgenie.stages import train_stages
     sets = [*(a.set or []), *([f"precision={a.precision}"] if a.precision else [])]
     train_stages(a.stage, a.data, a.run, preset=a.preset, steps=a.steps, overrides=sets)
 
@@ -64,19 +75,30 @@ def _eval(a) -> None:
 def _play(a) -> None:
     from procgenie.play.server import serve
     serve(a.checkpoint, host=a.host, port=a.port, maskgit_steps=a.maskgit_steps, level=a.start_level, fps=a.fps,
-          max_sessions=a.max_players, precision=a.precision)
+          max_sessions=a.max_players, precision=a.precision, data=a.data)
 
 
 def _dream(a) -> None:
     from procgenie.dream import dream
     dream(a.checkpoint, a.out, actions=a.actions, steps=a.steps, level=a.level, fps=a.fps, seed=a.seed,
-          maskgit_steps=a.maskgit_steps, precision=a.precision)
+          maskgit_steps=a.maskgit_steps, precision=a.precision, data=a.data)
 
 
 def _bench(a) -> None:
     from procgenie.bench import bench
     bench(a.checkpoint, json_path=a.json, seconds=a.seconds, maskgit_steps=a.maskgit_steps, preset=a.preset,
           precision=a.precision, overrides=a.set)
+
+
+def _at_least_1(text: str) -> int:
+    """argparse type of counts that must be positive (argparse names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _precision_arg(parser, what: str, default: str | None = "auto") -> None:
@@ -111,13 +133,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-frames", type=int, default=8192, help="frames per shard file (default 8192)")
     c.set_defaults(fn=_collect)
 
-    d = sub.add_parser("data", help="summarise or check a dataset",
+    d = sub.add_parser("data", help="summarise, check or import a dataset",
                        description="`data info DIR` summarises a dataset; `data validate DIR` checks every "
-                                   "checksum and shape and exits non-zero naming each damaged shard.")
-    d.add_argument("action", choices=["info", "validate"])
-    d.add_argument("dir", help="dataset folder")
-    d.add_argument("--json", action="store_true", help="info: print JSON")
-    d.set_defaults(fn=_data)
+                                   "checksum and shape and exits non-zero naming each damaged shard; "
+                                   "`data import SRC... --out DIR` makes a dataset of recordings without actions.")
+    dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("info", "summarise a dataset"), ("validate", "check every checksum and shape")):
+        a = dsub.add_parser(action, help=text, description=text)
+        a.add_argument("dir", help="dataset folder")
+        if action == "info":
+            a.add_argument("--json", action="store_true", help="print JSON")
+        a.set_defaults(fn=_data)
+    from procgenie.data.importer import FITS
+    im = dsub.add_parser("import", help="videos or frame folders -> a dataset without actions", description=(
+        "Decodes videos (MP4, WebM, MKV, MOV), GIFs and folders of frames (PNG, JPEG), resamples them to --fps, "
+        "makes each frame square (--fit) and --size px, and writes the dataset format that `collect` writes, "
+        "with the actions marked absent. Each source file stays in one split (train, val or test, by its index "
+        "in sorted order). Unreadable files are named and skipped. Rerun the same command to continue."))
+    im.add_argument("sources", nargs="+", metavar="SRC", help="video files, GIFs, frame folders, or folders of them")
+    im.add_argument("--out", required=True, help="dataset folder")
+    im.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: keep every "
+                    "frame; frame folders are always kept whole)")
+    im.add_argument("--size", type=int, default=64, help="frame size in pixels, square (default 64)")
+    im.add_argument("--fit", default="crop", choices=FITS, help="how a frame becomes square: centre crop, black "
+                    "padding, or squash (default crop)")
+    im.add_argument("--crop", default=None, metavar="X,Y,W,H", help="first cut every frame to this box (source "
+                    "pixels), e.g. to drop a score bar")
+    im.add_argument("--episode-frames", type=int, default=1000, help="cut recordings into episodes of at most "
+                    "this many frames (default 1000)")
+    im.add_argument("--name", default="video", help="the dataset's world name, kept with the models trained on it "
+                    "(default video)")
+    im.set_defaults(fn=_import)
 
     t = sub.add_parser("train", help="train a stage, or all three in order", formatter_class=RAW,
                        description="Trains the tokenizer, the latent action model, the dynamics model, or all "
@@ -141,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, default=32, help="test episodes (default 32)")
     e.add_argument("--context", type=int, default=4, help="context frames (default 4)")
     e.add_argument("--horizon", type=int, default=10, help="frames generated after the context (default 10)")
-    e.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps (default: the model's)")
+    e.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps (default: the model's)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _precision_arg(e, "evaluate")
     e.set_defaults(fn=_eval)
@@ -151,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
     pl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pl.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    pl.add_argument("--maskgit-steps", type=int, default=None,
+    pl.add_argument("--maskgit-steps", type=_at_least_1, default=None,
                     help="MaskGIT steps per frame (default: the smaller of 4 and the model's own)")
     pl.add_argument("--start-level", type=int, default=None, help="first level seed (default: random test level)")
+    pl.add_argument("--data", default=None, help="a world learned from recordings: the dataset to start from "
+                    "(default: the one it was trained on)")
     pl.add_argument("--fps", type=float, default=15.0, help="target frames per second of each player (default 15)")
     pl.add_argument("--max-players", type=int, default=4, help="connections served at once (default 4)")
     _precision_arg(pl, "play")
@@ -168,10 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--actions", default=None, help="actions, e.g. 'right*10,right-up*5,left*3' (CoinRun "
                     "names) or latent ids like '3,3,1' (default: right-leaning play)")
     dr.add_argument("--steps", type=int, default=32, help="frames to dream (default 32)")
-    dr.add_argument("--level", type=int, default=None, help="start level seed (default: a test level)")
+    dr.add_argument("--level", type=int, default=None, help="start level seed (default: a test level; for a world "
+                    "learned from recordings, the number of a test recording)")
+    dr.add_argument("--data", default=None, help="a world learned from recordings: the dataset to start from "
+                    "(default: the one it was trained on)")
     dr.add_argument("--fps", type=int, default=15, help="frames per second of the file (default 15)")
     dr.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    dr.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps (default: the model's)")
+    dr.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps (default: the model's)")
     _precision_arg(dr, "dream")
     dr.set_defaults(fn=_dream)
 
@@ -183,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
     b.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (default 10)")
-    b.add_argument("--maskgit-steps", type=int, default=None, help="MaskGIT steps for play (default: play's)")
+    b.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps for play (default: play's)")
     b.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the preset's config fields for the timed training (as `train --set`)")
     _precision_arg(b, "train, time the matmul peak and play")

@@ -18,7 +18,7 @@ import numpy as np
 from procgenie.atomic import write_bytes_atomic
 from procgenie.errors import UserError
 from procgenie.video import encode_video, upscale
-from procgenie.vocab import ACTION_IDS, MOVES, NOOP, start_frames
+from procgenie.vocab import ACTION_IDS, MOVES, NOOP
 
 DEFAULT_ACTIONS = "right*8,right-up*4,right*6,right-up*3,noop*2"  # repeated to fill --steps
 CONTEXT = 4           # real frames before the dream (fewer if the dynamics model sees fewer)
@@ -30,8 +30,8 @@ ACTIONS_HELP = (
     "else mapped to the latent action the training data shows most often with it; ID is a latent action id "
     "0..K-1 (a model on real actions takes the key most often seen with it). The last action "
     "repeats if the list is shorter than --steps; a longer list is cut. Example: 'right*10,right-up*5,left*3' "
-    f"or '3,3,1'. Default: '{DEFAULT_ACTIONS}' repeated. The file holds the context frames, then --steps dreamed "
-    "frames.")
+    f"or '3,3,1'. Default: '{DEFAULT_ACTIONS}' repeated; a world learned from recordings without actions takes "
+    "latent ids only (default: each in turn). The file holds the context frames, then --steps dreamed frames.")
 _ITEM = re.compile(r"^(?P<what>[a-z-]+|\d+)(?:\*(?P<n>\d+))?$")
 
 
@@ -68,11 +68,6 @@ def parse_actions(text: str | None, steps: int, num_latent: int, to_latent, from
     return (out + [out[-1]] * steps)[:steps]
 
 
-def random_test_level(rng: np.random.Generator) -> int:
-    """A level seed of the test split (seed % 20 == 0), the split no training episode used."""
-    return 20 * int(rng.integers(0, (2**31 - 1) // 20 - 1))
-
-
 def context_length(wm) -> int:
     # The dynamics model attends to seq_len - 1 past frames; more context than that is never seen.
     return max(1, min(CONTEXT, wm.play_cfg.model.seq_len - 1))
@@ -89,13 +84,21 @@ def timeline(T: int, C: int, width: int, height: int = 2 * SCALE) -> np.ndarray:
     return np.repeat(bar[:, None], height, axis=1)
 
 
+def each_latent(num_latent: int, steps: int) -> str:
+    """The default --actions of a world without keys: every latent action in turn, each held an equal share of
+    the `steps` frames (at least 2)."""
+    return ",".join(f"{k}*{max(2, steps // num_latent)}" for k in range(num_latent))
+
+
 def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, level: int | None = None,
           fps: int = 15, seed: int = 0, maskgit_steps: int | None = None,
-          precision: str = "auto") -> Path:
-    """Write context + `steps` dreamed frames of level `level` (default: the first test level, 0) to `out`."""
+          precision: str = "auto", data: str | None = None) -> Path:
+    """Write context + `steps` dreamed frames of level `level` (default: the first test level, 0) to `out`.
+    A world learned from recordings starts from a test recording of its dataset (`data`: default its own)."""
     import torch
 
     from procgenie.data.store import split_of
+    from procgenie.starts import Starts
     from procgenie.world import WorldModel
     path = Path(out)
     suffix = path.suffix.lower()
@@ -105,25 +108,27 @@ def dream(checkpoint, out: str, actions: str | None = None, steps: int = 32, lev
         raise UserError(f"--steps must lie in 1..{MAX_STEPS}, got {steps}")
     if not 1 <= fps <= 60:
         raise UserError(f"--fps must lie in 1..60, got {fps}")
-    if maskgit_steps is not None and maskgit_steps < 1:
-        raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
     level = 0 if level is None else level
     wm = WorldModel.from_pretrained(checkpoint, precision=precision)
-    if wm.play_kind == "real":  # names are the keys themselves; a latent id stands for its most usual key
-        from procgenie.models import read_action_map
-        from procgenie.play.protocol import real_for_latent
-        table = real_for_latent(read_action_map(wm.run_dir))
-        acts = parse_actions(actions, steps, wm.num_latent_actions, None, lambda k: table[k])
+    starts = Starts(wm, data)
+    if not wm.has_key_map:  # recordings without actions: latent ids only
+        def refuse(_):
+            raise UserError(f"--actions: {wm.run_dir} learned from recordings without actions, so key names mean "
+                            f"nothing to it: give latent ids 0..{wm.num_latent_actions - 1}, e.g. '0*8,3*8'")
+        acts = parse_actions(actions or each_latent(wm.num_latent_actions, steps), steps, wm.num_latent_actions, refuse)
+    elif wm.play_kind == "real":  # names are the keys themselves; a latent id stands for its most usual key
+        acts = parse_actions(actions, steps, wm.num_latent_actions, None, wm.key_for_latent)
     else:
         acts = parse_actions(actions, steps, wm.num_latent_actions, wm.latent_for_real_action)
     C = context_length(wm)
-    env, context = start_frames(level, C, wm.env, seed)                               # (C, S, S, 3), under no-ops
+    env, context = starts.open(level, C, seed)                                       # (C, S, S, 3), under no-ops
     env.close()
     session = wm.play_session(context[None], np.full((1, C - 1), NOOP), steps=maskgit_steps, seed=seed)
     dreamed = [session.step(torch.tensor([a]))[0] for a in acts]                       # T x (S, S, 3)
     frames = np.concatenate([context, np.stack(dreamed)])                              # (C + steps, S, S, 3)
     video = np.concatenate([upscale(frames, SCALE), timeline(len(frames), C, frames.shape[2] * SCALE)], axis=1)
     write_bytes_atomic(path, encode_video(video, suffix, fps))
-    print(f"dreamed {steps} frames after {C} real ones of level {level} ({split_of(level)} split, {wm.precision}) "
-          f"-> {path}")
+    where = (f"level {level} ({split_of(level)} split" if starts.count is None
+             else f"test recording {level % starts.count} of {starts.count} ({wm.env}")
+    print(f"dreamed {steps} frames after {C} real ones of {where}, {wm.precision}) -> {path}")
     return path

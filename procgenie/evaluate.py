@@ -24,11 +24,12 @@ from procgenie.data.store import Dataset
 from procgenie.errors import UserError
 from procgenie.models import check_data
 from procgenie.nn.quantize import usage
-from procgenie.steering import held_keys
+from procgenie.steering import held_keys, held_latents
 from procgenie.vocab import NUM_ACTIONS
 from procgenie.world import WorldModel
 
 HELD_KEY_LEVELS = 16  # test-split levels (seeds 0, 20, 40, ...) on which each key is held from the start
+HELD_LATENT_CLIPS = 16  # test clips from whose context each latent action is held
 
 
 def test_clips(ds: Dataset, k: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,11 +50,6 @@ def test_clips(ds: Dataset, k: int, length: int, seed: int) -> tuple[np.ndarray,
     return np.stack(frames), np.stack(actions)
 
 
-def _batched(fn, *arrays, size: int = 16):
-    outs = [fn(*(a[i:i + size] for a in arrays)) for i in range(0, len(arrays[0]), size)]
-    return np.concatenate(outs)
-
-
 def _per_step(fn, a: np.ndarray, b: np.ndarray) -> list[float]:
     """Mean over clips of fn per step: a, b (K, H, ...) -> [H]."""
     return [float(x) for x in fn(a, b).mean(0)]
@@ -64,14 +60,16 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     if context < 1 or horizon < 4:
         raise UserError(f"--context must be at least 1 and --horizon at least 4 (delta_psnr_t4 needs step 4), "
                         f"got {context} and {horizon}")
-    for name, value in (("--episodes", episodes), ("--maskgit-steps", maskgit_steps)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
+    if episodes < 1:
+        raise UserError(f"--episodes must be at least 1, got {episodes}")
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the report")
     wm = WorldModel.from_pretrained(checkpoint, precision=precision)
     ds = Dataset(data)
     check_data(wm.tok_extra, ds, "world model")
+    if wm.action_kind == "real" and not ds.has_actions:
+        raise UserError(f"{ds.root} has no actions (imported recordings): the dynamics model of {wm.run_dir} takes "
+                        "real ones; evaluate a run with a latent-action dynamics model")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -81,30 +79,27 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     bar = tqdm(total=6, desc="eval", disable=quiet, dynamic_ncols=True)
 
     # Tokenizer: round trip of every clip, and code usage.
-    recon = _batched(wm.reconstruct, clips)
-    with torch.no_grad(), wm._autocast():
-        codes = torch.cat([wm.tokenizer.encode(torch.from_numpy(clips[i:i + 16]).to(wm.device)).cpu()
-                           for i in range(0, K, 16)])
-    use = usage(codes, wm.tokenizer.vocab)
-    code_hist = torch.bincount(codes.flatten(), minlength=wm.tokenizer.vocab).numpy()
+    recon = wm.reconstruct(clips)
+    codes = torch.from_numpy(wm.encode(clips))                                # (K, C+H, N, G)
+    use = usage(codes, wm.codebook_size)
+    code_hist = torch.bincount(codes.flatten(), minlength=wm.codebook_size).numpy()
     tokenizer = {"psnr": float(M.psnr(recon, clips).mean()), "ssim": float(M.ssim(recon, clips).mean()),
-                 "codebook_size": int(wm.tokenizer.vocab), "codebook_used": int((code_hist > 0).sum()),
+                 "codebook_size": wm.codebook_size, "codebook_used": int((code_hist > 0).sum()),
                  "perplexity": float(use["perplexity"])}
     bar.update()
 
     # LAM: latent actions, their next-frame predictions, and how they line up with the real actions.
-    latent = _batched(wm.infer_actions, clips)                                # (K, C+H-1)
-    with torch.no_grad(), wm._autocast():
-        lam_pred = torch.cat([wm.lam.predict(torch.from_numpy(clips[i:i + 16, :-1]).to(wm.device),
-                                             torch.from_numpy(latent[i:i + 16]).to(wm.device)).float().cpu()
-                              for i in range(0, K, 16)])
-    lam_pred = (lam_pred.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    latent = wm.infer_actions(clips)                                          # (K, C+H-1)
+    lam_pred = wm.lam_next_frames(clips[:, :-1], latent)                      # (K, C+H-1, ...)
     nmi_latent, nmi_real = _action_pairs(wm, ds, seed)
     A = wm.num_latent_actions
-    confusion = np.zeros((NUM_ACTIONS, A), np.int64)
-    np.add.at(confusion, (nmi_real, nmi_latent), 1)
+    confusion = None  # a dataset without actions has nothing to line the latents up with: NMI is absent, not 0
+    if ds.has_actions:
+        confusion = np.zeros((NUM_ACTIONS, A), np.int64)
+        np.add.at(confusion, (nmi_real, nmi_latent), 1)
     lam = {"psnr": float(M.psnr(lam_pred, clips[:, 1:]).mean()), "num_actions": int(A),
-           "actions_used": int(len(np.unique(nmi_latent))), "nmi_real_actions": M.nmi(nmi_latent, nmi_real)}
+           "actions_used": int(len(np.unique(nmi_latent))),
+           "nmi_real_actions": M.nmi(nmi_latent, nmi_real) if ds.has_actions else None}
     bar.update()
 
     # Dynamics: autoregressive rollouts under the inferred latent actions (the real ones, for a run whose only
@@ -118,14 +113,17 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     gen_rand = wm.generate(clips[:, :C], rand, steps=maskgit_steps, seed=seed, context_actions=before)
     bar.update()
     # Play: what a player gets, rollouts under the actions play sends for the clip's real keys (and the keys that
-    # led to the context frames), against random actions of the same kind.
-    keys = real[:, C - 1:C + H - 1]
-    gen_play = wm.play(clips[:, :C], keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
-    if wm.play_kind == "real":
-        random_keys = np.random.default_rng(seed + 2).integers(0, NUM_ACTIONS, keys.shape)
-        play_rand = wm.play(clips[:, :C], random_keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
-    else:
-        play_rand = wm.generate(clips[:, :C], rand, steps=wm.play_steps(maskgit_steps), seed=seed)
+    # led to the context frames), against random actions of the same kind. Recordings without actions have no keys.
+    gen_play = play_rand = None
+    if ds.has_actions:
+        keys = real[:, C - 1:C + H - 1]
+        gen_play = wm.play(clips[:, :C], keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
+        if wm.play_kind == "real":
+            random_keys = np.random.default_rng(seed + 2).integers(0, NUM_ACTIONS, keys.shape)
+            play_rand = wm.play(clips[:, :C], random_keys, seed=seed, context_keys=real[:, :C - 1],
+                                steps=maskgit_steps)
+        else:
+            play_rand = wm.generate(clips[:, :C], rand, steps=wm.play_steps(maskgit_steps), seed=seed)
     bar.update()
     # Teacher-forced single steps: each horizon frame from the C real frames before it.
     ctx = np.concatenate([clips[:, h:h + C] for h in range(H)])               # (H*K, C, ...)
@@ -151,18 +149,13 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     def last(a):  # None (JSON's null) when no clip moved
         return float(M.psnr(a[moving, -1], future[moving, -1]).mean()) if moving.any() else None
     dynamics["moving"] = {"clips": int(moving.sum()), "psnr_last_step": last(gen), "copy_last_last_step": last(copy)}
-    psnr_play, psnr_play_rand = _per_step(M.psnr, gen_play, future), _per_step(M.psnr, play_rand, future)
-    play = {"action_kind": wm.play_kind, "maskgit_steps": wm.play_steps(maskgit_steps), "psnr_by_step": psnr_play,
-            "delta_psnr_t4": psnr_play[3] - psnr_play_rand[3], "random_psnr_by_step": psnr_play_rand,
-            "mean_psnr_over_horizon": float(np.mean(psnr_play)),
-            "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen_play, future)],
-            "moving_psnr_last_step": last(gen_play),
-            "motion_error_px": float(M.motion_error(gen_play, future, clips[:, C - 1]).mean()),
-            "still_motion_error_px": float(M.motion_error(copy, future, clips[:, C - 1]).mean()),
-            "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean()),
-            "held_keys": held_keys(wm, [20 * i for i in range(min(K, HELD_KEY_LEVELS))], C, H, seed)}
+    latent_rows = None
+    if wm.action_kind == "latent":  # what each number key of play does, in every world
+        dynamics["held_latents"], latent_rows = held_latents(wm, clips[:HELD_LATENT_CLIPS, :C], H, seed)
+    play = None if gen_play is None else _play_block(wm, gen, gen_play, play_rand, clips, C, H, maskgit_steps,
+                                                     seed, last)
     result = {
-        "data": {"episodes": K, "frames": int(K * (C + H))},
+        "data": {"episodes": K, "frames": int(K * (C + H)), "actions": ds.has_actions},
         "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics, "play": play,
         "baseline_copy_last": {"psnr_by_step": _per_step(M.psnr, copy, future),
                                "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(copy, future)]},
@@ -174,29 +167,58 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     from procgenie.report import write_report
     write_report(out_dir, result, clips=clips, recon=recon, gen=gen, gen_rand=gen_rand, gen_play=gen_play,
                  one=(ctx[:, -1], one, truth_one),
-                 code_hist=code_hist, confusion=confusion)
+                 code_hist=code_hist, confusion=confusion, latent_rows=latent_rows)
     if not quiet:
-        d = dynamics
-        print(f"tokenizer PSNR {tokenizer['psnr']:.2f} dB, SSIM {tokenizer['ssim']:.3f}, codes "
-              f"{tokenizer['codebook_used']}/{tokenizer['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions "
-              f"{lam['actions_used']}/{A}, NMI "
-              f"{lam['nmi_real_actions']:.3f}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
-              f"{psnr_by_step[-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
-              f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}")
-        print(f"play ({play['action_kind']} actions): step {H} {psnr_play[-1]:.2f} dB, delta_psnr_t4 "
+        _print_summary(result, out_dir)
+    return result
+
+
+def _play_block(wm, gen, gen_play, play_rand, clips, C: int, H: int, maskgit_steps, seed: int, last) -> dict:
+    """Figures of what a player gets: rollouts under play's keys for the clips' real keys (gen_play) and under
+    random keys (play_rand), their camera motion (and that of `gen`, the rollouts under inferred latents), and
+    keys held from the start of Procgen test levels."""
+    future, copy = clips[:, C:], np.repeat(clips[:, C - 1:C], H, axis=1)
+    psnr_play, psnr_play_rand = _per_step(M.psnr, gen_play, future), _per_step(M.psnr, play_rand, future)
+    levels = [20 * i for i in range(min(len(clips), HELD_KEY_LEVELS))]
+    return {"action_kind": wm.play_kind, "maskgit_steps": wm.play_steps(maskgit_steps), "psnr_by_step": psnr_play,
+            "delta_psnr_t4": psnr_play[3] - psnr_play_rand[3], "random_psnr_by_step": psnr_play_rand,
+            "mean_psnr_over_horizon": float(np.mean(psnr_play)),
+            "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen_play, future)],
+            "moving_psnr_last_step": last(gen_play),
+            "motion_error_px": float(M.motion_error(gen_play, future, clips[:, C - 1]).mean()),
+            "still_motion_error_px": float(M.motion_error(copy, future, clips[:, C - 1]).mean()),
+            "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean()),
+            "held_keys": held_keys(wm, levels, C, H, seed) if wm.procgen else None}
+
+
+def _print_summary(result: dict, out_dir: Path) -> None:
+    tok, lam, d, play = result["tokenizer"], result["lam"], result["dynamics"], result["play"]
+    H = d["horizon"]
+    print(f"tokenizer PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codes {tok['codebook_used']}/"
+          f"{tok['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions {lam['actions_used']}/{lam['num_actions']}, "
+          f"NMI {_num(lam['nmi_real_actions'], 3)}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
+          f"{d['psnr_by_step'][-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
+          f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}")
+    if d.get("held_latents"):
+        print("each latent held (dream camera dx, dy over the horizon): " + "; ".join(
+            f"{h['latent']}: {h['dx_px']:+.1f}, {h['dy_px']:+.1f}" for h in d["held_latents"]))
+    if play is None:
+        print("play: no figures (the dataset holds no actions to press)")
+    else:
+        print(f"play ({play['action_kind']} actions): step {H} {play['psnr_by_step'][-1]:.2f} dB, delta_psnr_t4 "
               f"{play['delta_psnr_t4']:.2f}, moving clips' last step {_num(play['moving_psnr_last_step'])} (copy-last "
-              f"{_num(dynamics['moving']['copy_last_last_step'])}), camera error {play['motion_error_px']:.1f} px "
+              f"{_num(d['moving']['copy_last_last_step'])}), camera error {play['motion_error_px']:.1f} px "
               f"(never moving {play['still_motion_error_px']:.1f})")
+    if play is not None and play["held_keys"] is not None:
         print("held keys (camera shift, dream / real, same direction): " + "; ".join(
             f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
             + ("level never moved" if v["same_direction"] is None else f"{v['same_direction']:.0%}")
             for k, v in play["held_keys"].items()))
-        print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
-    return result
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
 
 
-def _num(x) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _num(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _action_pairs(wm: WorldModel, ds: Dataset, seed: int, batches: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,8 @@ def frame_rows(path: Path, rows: list[tuple[str, np.ndarray]], titles: list[list
     _save(fig, path)
 
 
-def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist, confusion, gen_play=None) -> None:
+def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist, confusion, gen_play=None,
+                 latent_rows=None) -> None:
     plt = _plt()
     C, H = m["dynamics"]["context"], m["dynamics"]["horizon"]
     n = min(8, len(clips))
@@ -86,13 +87,20 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
             titles.append([""] + [f"{p:.1f}" for p in psnr(gen_play[i], clips[i, C:])])
     frame_rows(out / "multi_step.png", rows, titles)
 
+    # Each latent action held from the first clip's context: what each number key of play does.
+    if latent_rows is not None:
+        held = m["dynamics"]["held_latents"]
+        frame_rows(out / "held_latents.png",
+                   [(f"latent {k}", np.concatenate([clips[0, C - 1:C], latent_rows[k]])) for k in range(len(held))],
+                   [["context"] + [""] * (H - 1) + [f"dx {h['dx_px']:+.0f} dy {h['dy_px']:+.0f}"] for h in held])
+
     # Error accumulation over the horizon.
     steps = np.arange(1, H + 1)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
     d = m["dynamics"]
     a1.plot(steps, d["psnr_by_step"], "o-", label="world model (inferred actions)")
     a1.plot(steps, m["random_actions"]["psnr_by_step"], "s--", label="world model (random actions)")
-    if "play" in m:
+    if m.get("play"):
         a1.plot(steps, m["play"]["psnr_by_step"], "d-", label=f"play ({m['play']['action_kind']} keys)")
     a1.plot(steps, m["baseline_copy_last"]["psnr_by_step"], "x:", label="copy last frame")
     a1.set_xlabel("steps after the context")
@@ -106,15 +114,16 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
     fig.tight_layout()
     _save(fig, out / "psnr_by_step.png")
 
-    # Latent vs real actions.
-    fig, ax = plt.subplots(figsize=(5, 5))
-    share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    ax.imshow(share, cmap="viridis", aspect="auto", vmin=0, vmax=1)
-    ax.set_yticks(range(NUM_ACTIONS), ACTION_NAMES, fontsize=7)
-    ax.set_xticks(range(confusion.shape[1]))
-    ax.set_xlabel("latent action")
-    ax.set_title(f"real vs latent actions (row shares), NMI {m['lam']['nmi_real_actions']:.3f}")
-    _save(fig, out / "lam_confusion.png")
+    # Latent vs real actions (a dataset without actions has none to compare with).
+    if confusion is not None:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+        ax.set_yticks(range(NUM_ACTIONS), ACTION_NAMES, fontsize=7)
+        ax.set_xticks(range(confusion.shape[1]))
+        ax.set_xlabel("latent action")
+        ax.set_title(f"real vs latent actions (row shares), NMI {m['lam']['nmi_real_actions']:.3f}")
+        _save(fig, out / "lam_confusion.png")
 
     # A GIF: real on the left, dream on the right, context frames first.
     import imageio.v2 as imageio
@@ -148,7 +157,7 @@ def _html(m: dict) -> str:
     head = (f"Tokenizer {m['tokenizer']['psnr']:.2f} dB PSNR; step-{d['horizon']} rollout "
             f"{d['psnr_by_step'][-1]:.2f} dB against {b['psnr_by_step'][-1]:.2f} dB for copying the last frame; "
             f"delta PSNR at step 4 {d['delta_psnr_t4']:.2f} dB.")
-    if "play" in m:
+    if m.get("play"):
         p = m["play"]
         head += (f" Under play's {p['action_kind']} keys: step {d['horizon']} {p['psnr_by_step'][-1]:.2f} dB, "
                  f"delta PSNR at step 4 {p['delta_psnr_t4']:.2f} dB, camera error {p['motion_error_px']:.1f} px "
@@ -159,10 +168,16 @@ def _html(m: dict) -> str:
         ("single_step.png", "Single-step predictions from real context, with PSNR / SSIM."),
         ("multi_step.png", "Multi-step rollouts: real, dreamed under the inferred latent actions, under random ones, "
                            "and under the actions play sends for the real keys."),
+        ("held_latents.png", "Each latent action (play's number keys) held from the first clip's context; the "
+                             "last title is the mean camera shift over 16 clips (px)."),
         ("psnr_by_step.png", "Error accumulation: PSNR and SSIM by step after the context."),
         ("lam_confusion.png", "Which latent action each real action becomes (test levels)."),
         ("rollout.gif", "Real (left) and dreamed (right) rollouts from the same context."),
     ]
+    if m["lam"]["nmi_real_actions"] is None:
+        figures = [f for f in figures if f[0] != "lam_confusion.png"]
+    if not m["dynamics"].get("held_latents"):
+        figures = [f for f in figures if f[0] != "held_latents.png"]
     figs = "".join(f'<figure><img src="{f}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
                    for f, c in figures)
     sections = "".join(f"<h2>{k}</h2>{_table(v)}" for k, v in m.items() if isinstance(v, dict))

@@ -1,4 +1,5 @@
-"""Does holding a key move the dream as it moves the real level? (eval's `play.held_keys`)
+"""Does holding a key move the dream as it moves the real level? (eval's `play.held_keys`) And what does
+each latent action do when held? (eval's `dynamics.held_latents`, for any world, recordings included.)
 
 On test-split levels, a real Procgen level and the dream play the same context frames under no-op, then
 the same key held for a number of frames. For each, the camera's total shift (metrics.camera_shift summed
@@ -48,3 +49,17 @@ def held_keys(wm, levels: list[int], context: int, frames: int = 10, seed: int =
                      "same_direction": float((np.sign(d[moved]) == np.sign(r[moved])).mean()) if moved.any() else
                      None}  # JSON has no NaN: no level moved, nothing to compare
     return out
+
+
+def held_latents(wm, context: np.ndarray, frames: int = 10, seed: int = 0) -> tuple[list[dict], np.ndarray]:
+    """Each latent action held for `frames` frames from every context (K, C, S, S, 3): the dream's camera shift,
+    dx and dy summed over the frames (mean over contexts), and its size |dx| + |dy| (mean over contexts).
+    Also returns the first context's dreams, uint8 (A, frames, S, S, 3), for the report."""
+    out, first = [], []
+    for k in range(wm.num_latent_actions):
+        dream = wm.generate(context, np.full((len(context), frames), k), seed=seed)
+        shift = total_shift(context[:, -1], dream)                          # (K, 2)
+        out.append({"latent": k, "dx_px": float(shift[:, 0].mean()), "dy_px": float(shift[:, 1].mean()),
+                    "moved_px": float(np.abs(shift).sum(1).mean())})
+        first.append(dream[0])
+    return out, np.stack(first)

@@ -1,5 +1,5 @@
-"""The game's vocabulary: Procgen's actions and their names, the keys that press them, and an environment
-started at a level. Every other module takes them from here.
+"""The game's vocabulary: Procgen's actions and their names, the keys that press them, how keys and latent
+actions map onto each other, and an environment started at a level. Every other module takes them from here.
 
 Procgen has 15 actions in every game, in this order; in CoinRun the first nine are the combinations of
 left/right and down/up (up jumps), and the last six do nothing.
@@ -12,6 +12,8 @@ import io
 
 import numpy as np
 
+PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 ACTION_NAMES = ("left-down", "left", "left-up", "down", "noop", "up", "right-down", "right", "right-up",
                 "d", "a", "w", "s", "q", "e")
 NUM_ACTIONS = len(ACTION_NAMES)                   # 15
@@ -25,6 +27,28 @@ def key_action(left: bool, right: bool, up: bool, down: bool) -> int:
     """Held keys -> Procgen action 0..8: left+right cancel, up (jump) wins over down."""
     dx = int(right) - int(left)
     return 3 * (dx + 1) + (2 if up else 0 if down else 1)
+
+
+def most_specific_latent(counts_RA: np.ndarray) -> np.ndarray:
+    """For each real action (rows of the co-occurrence counts), the latent action most over-represented
+    with it: argmax of P(latent | real) / P(latent). A plain argmax of the counts would give the most
+    common latent (the one for "keep moving as before") to nearly every real action."""
+    counts = counts_RA.astype(np.float64)
+    p_latent = counts.sum(0) / max(counts.sum(), 1)
+    p_given_real = counts / np.clip(counts.sum(1, keepdims=True), 1, None)
+    return (p_given_real / np.clip(p_latent, 1e-12, None)).argmax(1)
+
+
+def real_for_latent(counts_RA: np.ndarray) -> np.ndarray:
+    """For each latent action, the real action (0..8) the training data shows most often with it (A,).
+
+    Procgen's 9..14 do nothing in CoinRun, so they count as noop; a latent the data never used maps to noop.
+    """
+    merged = counts_RA[:9].astype(np.int64)
+    merged[NOOP] += counts_RA[9:].sum(0).astype(np.int64)
+    out = merged.argmax(0)
+    out[merged.sum(0) == 0] = NOOP
+    return out
 
 
 def make_env(env: str, num: int, start_level: int, num_levels: int, seed: int, distribution_mode: str = "hard"):

@@ -18,9 +18,9 @@ import torch
 
 from procgenie import checkpoint as ckpt
 from procgenie.errors import UserError
-from procgenie.models import check_links, load_stage, pick_device, read_action_map
+from procgenie.models import check_links, load_stage, pick_device, read_action_map, read_latent_usage
 from procgenie.precision import autocast, resolve
-from procgenie.vocab import NUM_ACTIONS
+from procgenie.vocab import NOOP, NUM_ACTIONS, PROCGEN_GAMES, most_specific_latent, real_for_latent
 
 
 def _frames_in(frames, size: int, name: str, min_t: int = 1) -> torch.Tensor:
@@ -32,16 +32,6 @@ def _frames_in(frames, size: int, name: str, min_t: int = 1) -> torch.Tensor:
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def most_specific_latent(counts_RA: np.ndarray) -> np.ndarray:
-    """For each real action (rows of the co-occurrence counts), the latent action most over-represented
-    with it: argmax of P(latent | real) / P(latent). A plain argmax of the counts would give the most
-    common latent (the one for "keep moving as before") to nearly every real action."""
-    counts = counts_RA.astype(np.float64)
-    p_latent = counts.sum(0) / max(counts.sum(), 1)
-    p_given_real = counts / np.clip(counts.sum(1, keepdims=True), 1, None)
-    return (p_given_real / np.clip(p_latent, 1e-12, None)).argmax(1)
 
 
 PLAY_MASKGIT_STEPS = 2      # at most this many MaskGIT rounds per played frame for a model that samples its codes
@@ -77,10 +67,21 @@ class WorldModel:
         self.play_kind = "real" if "real" in self._dynamics else "latent"
         self.play_dynamics, self.play_cfg = self._dynamics[self.play_kind]
         self.image_size = self.tok_cfg.model.image_size
-        self.env = self.tok_extra.get("data", {}).get("env", "coinrun")
+        data = self.tok_extra.get("data", {})
+        self.env = data.get("env", "coinrun")
+        # A world learned from Procgen play (levels to start from, keys to press), or from recordings without
+        # actions (`data import`): those start from their dataset's test recordings and take latent actions only.
+        self.procgen = self.env in PROCGEN_GAMES and data.get("actions", True)
+        self.data_path = data.get("path")
         self.precision = resolve(precision, self.device)  # 'bf16' or 'fp32': what this device computes faster
         counts = read_action_map(self.run_dir)
         self._action_map = None if counts is None else most_specific_latent(counts)
+        self._latent_to_real = None if counts is None else real_for_latent(counts)
+        usage = read_latent_usage(self.run_dir)
+        # The latent a player gets with no key held: no-op's where keys map to latents, else the LAM's most
+        # frequent one (what usually happens next in the recordings).
+        self.idle_latent = (int(self._action_map[NOOP]) if self._action_map is not None
+                            else int(np.argmax(usage)) if usage is not None else 0)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, precision: str = "auto",
@@ -139,16 +140,43 @@ class WorldModel:
     @torch.no_grad()
     def reconstruct(self, frames) -> np.ndarray:
         """uint8 (B, T, H, W, 3) -> uint8, same shape: the tokenizer's round trip."""
-        x = _frames_in(frames, self.image_size, "frames").to(self.device)
-        with self._autocast():
-            return _to_uint8(self.tokenizer.decode(self.tokenizer.encode(x)))
+        x = _frames_in(frames, self.image_size, "frames")
+        return self._chunked(lambda c: _to_uint8(self.tokenizer.decode(self.tokenizer.encode(c))), x)
+
+    @torch.no_grad()
+    def encode(self, frames) -> np.ndarray:
+        """uint8 (B, T, H, W, 3) -> int64 (B, T, N, G): the tokenizer's codes, G per patch position, each in
+        0..codebook_size-1."""
+        x = _frames_in(frames, self.image_size, "frames")
+        return self._chunked(lambda c: self.tokenizer.encode(c).cpu().numpy(), x)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.tokenizer.vocab)
 
     @torch.no_grad()
     def infer_actions(self, frames) -> np.ndarray:
         """uint8 (B, T, H, W, 3) -> int64 (B, T-1): the latent action of each transition."""
-        x = _frames_in(frames, self.image_size, "frames", min_t=2).to(self.device)
+        x = _frames_in(frames, self.image_size, "frames", min_t=2)
+        return self._chunked(lambda c: self.lam.infer(c).cpu().numpy(), x)
+
+    @torch.no_grad()
+    def lam_next_frames(self, frames, actions) -> np.ndarray:
+        """The LAM decoder's own predictions: frames uint8 (B, T, H, W, 3) and latent actions int64 (B, T) ->
+        uint8 (B, T, H, W, 3), the frame after each (what the LAM learns its latents by)."""
+        x = _frames_in(frames, self.image_size, "frames")
+        a = torch.from_numpy(self._actions_in(actions, "latent actions", self.num_latent_actions, x.shape[0]))
+        if a.shape[1] != x.shape[1]:
+            raise UserError(f"lam_next_frames takes one latent action per frame, got {a.shape[1]} for {x.shape[1]}")
+        return self._chunked(lambda c, ac: _to_uint8(self.lam.predict(c, ac)), x, a)
+
+    def _chunked(self, fn, *tensors: torch.Tensor, size: int = 16) -> np.ndarray:
+        """fn over batches of `size` clips, moved to the device and under this model's autocast; bounds memory."""
+        outs = []
         with self._autocast():
-            return self.lam.infer(x).cpu().numpy()
+            for i in range(0, len(tensors[0]), size):
+                outs.append(fn(*(t[i:i + size].to(self.device) for t in tensors)))
+        return np.concatenate(outs)
 
     @torch.no_grad()
     def generate(self, context, actions, steps: int | None = None, temperature: float | None = None,
@@ -185,12 +213,25 @@ class WorldModel:
             keys = np.array([self.latent_for_real_action(a) for a in range(NUM_ACTIONS)])[keys]
         return self._run(self.play_session(ctx.numpy(), context_keys, steps, seed), keys)
 
+    @property
+    def has_key_map(self) -> bool:
+        """Whether Procgen keys map to latent actions (the LAM's training data held real actions)."""
+        return self._action_map is not None
+
+    def key_for_latent(self, latent: int) -> int:
+        """The Procgen action (0..8) that the training data shows most often with this latent action."""
+        if self._latent_to_real is None:
+            raise UserError(f"{self.run_dir} has no map between keys and latent actions (its data held no actions, "
+                            "or lam/action_map.json is missing)")
+        return int(self._latent_to_real[int(latent)])
+
     def latent_for_real_action(self, real_action: int) -> int:
         """The latent action that the training data shows most often with this Procgen action (0..14)."""
         if not 0 <= int(real_action) < NUM_ACTIONS:
             raise UserError(f"a Procgen action lies in 0..{NUM_ACTIONS - 1}, got {real_action}")
         if self._action_map is None:
-            raise UserError(f"{self.run_dir}/lam has no action_map.json: retrain the lam stage to write it")
+            raise UserError(f"{self.run_dir} has no map from keys to latent actions (its data held no actions, or "
+                            "lam/action_map.json is missing): give latent actions 0..K-1")
         return int(self._action_map[int(real_action)])
 
     # -- shared -----------------------------------------------------------------------------------
@@ -232,6 +273,8 @@ class Session:
 
     def __init__(self, wm: WorldModel, context: np.ndarray, steps=None, temperature=None, seed=None, dynamics=None,
                  context_actions=None):
+        if steps is not None and steps < 1:  # the one check: eval, play, dream and bench all step a Session
+            raise UserError(f"MaskGIT steps (--maskgit-steps) must be at least 1, got {steps}")
         self.wm, self.steps, self.temperature = wm, steps, temperature
         self.dyn = dyn = dynamics or wm.dynamics
         self.generator = torch.Generator(wm.device)
@@ -253,6 +296,11 @@ class Session:
             pos = torch.arange(C, device=wm.device)
             tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)    # fill the decoder's cache
         self.t, self.frame_shape = C, tuple(context.shape[2:])
+
+    @property
+    def num_actions(self) -> int:
+        """How many actions `step` takes: the latent count, or Procgen's 15 for a model on real actions."""
+        return self.dyn.A
 
     @torch.no_grad()
     def step(self, action_B: torch.Tensor) -> np.ndarray:

@@ -121,6 +121,7 @@ def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps, decode):
     inputs.clear()
     out = run(0)
     assert out.shape == (2, 6, 2) and (out < 50).all() and (out >= 0).all()  # no mask id left
+    assert len(seen) == steps                                  # one transformer pass, one set of logits, per round
     rounds = [c for c, masked in inputs if masked]
     assert len(rounds) == steps and (rounds[0] == dyn.mask_id).all()
     for k in range(1, steps):  # what a round revealed is fed back unchanged, and the schedule holds
@@ -157,17 +158,19 @@ def test_overfitting_one_batch_drives_the_loss_down(stage):
     torch.manual_seed(0)
     if stage == "dynamics":
         model = make_dynamics().train()
-        batch = {"codes": torch.randint(0, 50, (4, 4, 6, 2)), "actions": torch.randint(0, 4, (4, 3))}
+        codes, actions = torch.randint(0, 50, (4, 4, 6, 2)), torch.randint(0, 4, (4, 3))
+        loss_of = lambda: model.code_loss(codes, actions)
     else:
         model = (Tokenizer if stage == "tokenizer" else LAM)(tiny(stage)).train()
         g = torch.Generator().manual_seed(1)
         blocks = torch.randint(0, 256, (4, 1, 4, 4, 3), generator=g, dtype=torch.uint8)
         base = blocks.repeat_interleave(16, 2).repeat_interleave(16, 3)        # (4, 1, 64, 64, 3) colour blocks
         batch = {"frames": torch.cat([base.roll(4 * t, dims=3) for t in range(4)], 1)}  # scrolling
+        loss_of = lambda: model.loss(batch)
     opt = torch.optim.AdamW(model.parameters(), 3e-3)
     first = None
     for _ in range(80):
-        loss, _ = model.loss(batch)
+        loss, _ = loss_of()
         first = first if first is not None else loss.item()
         loss.backward()
         opt.step()
@@ -179,12 +182,12 @@ def test_dynamics_loss_for_torch_compile_equals_the_indexed_loss(monkeypatch):
     """Under torch.compile the loss weights every code by the mask instead of indexing the masked ones (fixed
     shapes keep the graph whole): same cross-entropy and accuracy, and metrics stay tensors (no GPU sync)."""
     model = make_dynamics().train()
-    batch = {"codes": torch.randint(0, 50, (3, 4, 6, 2)), "actions": torch.randint(0, 4, (3, 3))}
+    codes, actions = torch.randint(0, 50, (3, 4, 6, 2)), torch.randint(0, 4, (3, 3))
     torch.manual_seed(5)
-    ce, m = model.loss(batch)
+    ce, m = model.code_loss(codes, actions)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.manual_seed(5)
-    ce_fixed, m_fixed = model.loss(batch)
+    ce_fixed, m_fixed = model.code_loss(codes, actions)
     assert torch.allclose(ce, ce_fixed, rtol=1e-5) and torch.allclose(m["acc"], m_fixed["acc"])
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())
 

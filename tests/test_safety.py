@@ -7,7 +7,10 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import socket
 from pathlib import Path
+
+import pytest
 
 import procgenie
 from procgenie.cli import build_parser
@@ -68,8 +71,24 @@ def test_bundled_files_are_safetensors_and_json_only():
 def test_play_listens_on_this_machine_only_by_default():
     assert build_parser().parse_args(["play"]).host == "127.0.0.1"
     assert inspect.signature(server.serve).parameters["host"].default == "127.0.0.1"
-    sock = server.listen("127.0.0.1", 0)
+    sock = server.listen(build_parser().parse_args(["play"]).host, 0)   # the socket `procgenie play` opens
+    port = sock.getsockname()[1]
     try:
-        assert sock.getsockname()[0] == "127.0.0.1"
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()   # this machine reaches it ...
+        outward = _outward_address()
+        if outward is not None:                                            # ... another address of it does not
+            with pytest.raises(OSError):
+                socket.create_connection((outward, port), timeout=5).close()
     finally:
         sock.close()
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address

@@ -26,10 +26,8 @@ from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
 from procgenie.errors import Stopped, UserError
 from procgenie.stopping import StopSignals
-from procgenie.vocab import NUM_ACTIONS, make_env
+from procgenie.vocab import NUM_ACTIONS, PROCGEN_GAMES, make_env
 
-PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 # The settings that must match for a rerun to continue a dataset rather than start another.
 IDENTITY = ("env", "policy", "start_level", "num_levels", "max_steps", "seed", "distribution_mode")
 

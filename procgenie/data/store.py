@@ -8,6 +8,10 @@ Layout of a dataset folder DIR:
                                    firsts (N,) bool, level_seeds (N,) int64;
                                    per episode: truncated (E,) bool
 
+A dataset imported from recordings (`data import`) has no actions: its manifest says `"actions": false`,
+its action and reward arrays are zeros, and its level seeds are the index of the source file each
+episode came from (so the same split rule keeps each recording in one split).
+
 Step i holds frame i and the action taken *at* frame i, whose outcome is frame i+1 (the last
 action of an episode has no next frame). A shard holds whole episodes of one split only. The
 manifest is the source of truth: a shard counts once its record is in the manifest, so a
@@ -225,6 +229,11 @@ class Dataset:
         return self.manifest["env"]
 
     @property
+    def has_actions(self) -> bool:
+        """False for recordings imported without actions (`data import`): their action arrays are zeros."""
+        return bool(self.manifest.get("actions", True))
+
+    @property
     def image_size(self) -> int:
         return int(self.manifest["image_size"])
 
@@ -288,7 +297,7 @@ def iter_problems(root: Path, manifest: dict):
 def summary(ds: Dataset) -> dict:
     eps = ds.episodes()
     actions = np.concatenate([sh.steps["actions"] for sh in ds.shards])
-    hist = np.bincount(actions, minlength=len(ACTION_NAMES))
+    hist = np.bincount(actions, minlength=len(ACTION_NAMES)) if ds.has_actions else None
     by_split = {}
     for s in SPLITS:
         e = ds.episodes(s)
@@ -298,6 +307,7 @@ def summary(ds: Dataset) -> dict:
         "env": ds.env, "image_size": ds.image_size, "episodes": int(len(eps)), "frames": int(eps["length"].sum()),
         "splits": by_split, "mean_episode_length": float(eps["length"].mean()),
         "reached_coin": float((eps["ret"] > 0).mean()), "truncated": int(eps["truncated"].sum()),
-        "action_histogram": {ACTION_NAMES[i] if i < len(ACTION_NAMES) else str(i): int(c) for i, c in enumerate(hist)},
-        "collect": ds.manifest.get("collect", {}),
+        "action_histogram": None if hist is None else {ACTION_NAMES[i] if i < len(ACTION_NAMES) else str(i): int(c)
+                                                       for i, c in enumerate(hist)},
+        "collect": ds.manifest.get("collect", {}), "import": ds.manifest.get("import"),
     }

@@ -158,6 +158,8 @@ class STTransformer(nn.Module):
     int n: the first n frames', the rest only attend).
     """
 
+    NO_DECAY = ("pos_s",)
+
     def __init__(self, dim: int, depth: int, heads: int, tokens: int, act_ckpt: bool = False):
         super().__init__()
         # Inputs arrive at any scale (a conv stem, summed embeddings): normalise them, or the blocks'

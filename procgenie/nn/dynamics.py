@@ -24,6 +24,7 @@ A actions (latent, or Procgen's 15).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,7 @@ from einops import rearrange
 from procgenie.config import DynamicsConfig
 from procgenie.errors import UserError
 from procgenie.nn.blocks import STTransformer, init_weights, window_mask
+from procgenie.nn.stage import StageModel
 
 
 def two_stream_mask(T: int, device) -> torch.Tensor:
@@ -48,7 +50,15 @@ def two_stream_mask(T: int, device) -> torch.Tensor:
     return torch.cat([top, bottom], 0)
 
 
-class Dynamics(nn.Module):
+@dataclass
+class Frozen:
+    """The trained tokenizer and LAM that the dynamics stage learns on, held beside its weights, not in them."""
+
+    tokenizer: nn.Module
+    lam: nn.Module
+
+
+class Dynamics(StageModel):
     def __init__(self, cfg: DynamicsConfig, vocab: int, positions: int, codes_per_position: int, num_actions: int,
                  fsq_levels: tuple[int, ...] | None = None):
         super().__init__()
@@ -67,14 +77,11 @@ class Dynamics(nn.Module):
         self.head = nn.Linear(D, self.G * vocab)
         init_weights(self)
         self.register_buffer("slot", torch.arange(self.G) * (vocab + 1), persistent=False)
-        self._frozen = None  # (tokenizer, lam), attached for training; not part of this model's weights
+        self._frozen: Frozen | None = None  # attached for training; a plain object, so not part of the weights
 
     def attach(self, tokenizer: nn.Module, lam: nn.Module) -> None:
         """Frozen tokenizer and LAM that turn training frames into codes and latent actions."""
-        object.__setattr__(self, "_frozen", (tokenizer.eval().requires_grad_(False), lam.eval().requires_grad_(False)))
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        return self.loss(batch)
+        self._frozen = Frozen(tokenizer.eval().requires_grad_(False), lam.eval().requires_grad_(False))
 
     # -- embedding ------------------------------------------------------------------------------
     def _embed(self, codes_BTNG, actions_BT, masked: bool) -> torch.Tensor:
@@ -90,12 +97,19 @@ class Dynamics(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        if "codes" not in batch:  # frames -> codes, and (Genie) latent actions, by the frozen models
-            tokenizer, lam = self._frozen
-            with torch.no_grad():
-                batch = {"codes": tokenizer.encode(batch["frames"]),
-                         "actions": batch["actions"] if self.real else lam.infer(batch["frames"])}
-        codes, actions = batch["codes"], batch["actions"].to(batch["codes"].device)  # (B, T, N, G), (B, T-1)
+        """The training loop's loss on a batch of frames (B, T, H, W, 3) and real actions (B, T-1): the frozen
+        tokenizer makes the codes, and the frozen LAM the latent actions (a model on real actions keeps them)."""
+        if self._frozen is None:
+            raise RuntimeError("attach() the frozen tokenizer and LAM before training on frames")
+        with torch.no_grad():
+            codes = self._frozen.tokenizer.encode(batch["frames"])
+            actions = batch["actions"] if self.real else self._frozen.lam.infer(batch["frames"])
+        return self.code_loss(codes, actions)
+
+    def code_loss(self, codes: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """MaskGIT's loss on codes (B, T, N, G) and the actions between their frames (B, T-1): cross-entropy of
+        the masked codes of frames 2..T, at a mask rate drawn per frame from [mask_min, mask_max]."""
+        actions = actions.to(codes.device)
         B, T = codes.shape[:2]
         if self.real and self.cfg.action_dropout > 0:  # some frames' actions unknown, as a caller's context may be
             unknown = torch.rand(actions.shape, device=codes.device) < self.cfg.action_dropout

@@ -18,10 +18,11 @@ from einops import repeat
 from procgenie.config import LAMConfig
 from procgenie.nn.blocks import STTransformer, init_weights, patchify, unpatchify, window_mask
 from procgenie.nn.quantize import Quantized, VectorQuantizer, usage
+from procgenie.nn.stage import StageModel
 from procgenie.nn.tokenizer import psnr, to_float
 
 
-class LAM(nn.Module):
+class LAM(StageModel):
     def __init__(self, cfg: LAMConfig):
         super().__init__()
         self.cfg = cfg
@@ -68,11 +69,8 @@ class LAM(nn.Module):
         return to_float(frames_BTHWC) + delta  # predicted as a change of the last frame
 
     def set_step(self, step: int, total: int) -> None:
-        """Called by the training loop before each optimizer step."""
+        """Continuous action latents for the first continuous_frac of the steps, then quantized ones."""
         self.quantizing = step >= self.cfg.continuous_frac * total
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        return self.loss(batch)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         frames = batch["frames"]                                           # (B, T, H, W, C) uint8

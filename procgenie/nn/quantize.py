@@ -71,6 +71,8 @@ class FSQ(nn.Module):
 class VectorQuantizer(nn.Module):
     """Cosine-similarity VQ with straight-through gradients, commitment loss and dead-code reset."""
 
+    NO_DECAY = ("codebook",)
+
     def __init__(self, size: int, dim: int, commitment: float = 0.25, reset_after: float = 0.1, decay: float = 0.95):
         super().__init__()
         self.size, self.dim, self.commitment = size, dim, commitment

@@ -18,6 +18,7 @@ from einops import rearrange
 from procgenie.config import TokenizerConfig
 from procgenie.nn.blocks import STTransformer, init_weights, window_mask
 from procgenie.nn.quantize import FSQ, VectorQuantizer, usage
+from procgenie.nn.stage import StageModel
 
 
 def to_float(frames_BTHWC: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ def conv_head(c: int, stages: int, dim: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.GELU(), nn.Conv2d(c, 3, 3, padding=1))
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(StageModel):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
@@ -100,9 +101,6 @@ class Tokenizer(nn.Module):
         return rearrange(self.head(x) + 0.5, "(b t) c h w -> b t h w c", b=B)  # (B, T, H, W, C) ~[0, 1]
 
     # -- the model's interface ------------------------------------------------------------------
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        return self.loss(batch)
-
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         frames = batch["frames"]                                   # (B, T, H, W, C) uint8
         q = self._encode(frames)

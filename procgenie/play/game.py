@@ -1,5 +1,6 @@
 """A game of play: one connection's dreamed rollout and the real Procgen level beside it (Player), and
-what every connection shares: the world model and the one thread that runs it (Hub).
+what every connection shares: the world model and the one thread that runs it (Hub). A world learned
+from recordings without actions shows the recording it started from instead, and takes number keys only.
 
 While not paused, a Player steps at a fixed target rate; held keys are state, not a queue, so a
 slow model lowers the frame rate and never builds a backlog.
@@ -19,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from aiohttp import web
 
-from procgenie.dream import context_length, random_test_level
+from procgenie.dream import context_length
 from procgenie.errors import UserError
-from procgenie.play.protocol import BadMessage, parse, real_for_latent
+from procgenie.play.protocol import BadMessage, parse
+from procgenie.starts import Starts
 from procgenie.video import encode_video, upscale
-from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, key_action, start_frames
+from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, key_action
 
 FPS = 15                    # target frames per second of each connection
 MAX_SESSIONS = 4            # connections at once; more are told the server is full
@@ -33,25 +35,27 @@ RECORD_SCALE = 3            # nearest-neighbour upscale of recorded GIFs (x4 mak
 KIND_FRAME, KIND_GIF = 1, 2
 CONTROLS = ("arrows / WASD move, up / W / space jump (held keys combine), 1..{k} take latent action k-1 directly, "
             "R new level, P pause, E one step while paused, G record a GIF (again: stop and save)")
+RECORDING_CONTROLS = ("1..{k} take latent action k-1 (none held: latent {idle}, what the recordings mostly do next), "
+                      "R another recording, P pause, E one step while paused, G record a GIF (again: stop and save)")
 
 
 class Hub:
     """What every connection shares: the world model, the one thread that runs it, and the players."""
 
     def __init__(self, wm, maskgit_steps: int | None = None, level: int | None = None, fps: float = FPS,
-                 max_sessions: int = MAX_SESSIONS):
-        from procgenie.models import read_action_map
+                 max_sessions: int = MAX_SESSIONS, data: str | None = None):
         self.wm, self.level, self.fps, self.max_sessions = wm.fast_weights(), level, fps, max_sessions
         self.steps = wm.play_steps(maskgit_steps)
         self.context = context_length(wm)
-        counts = read_action_map(wm.run_dir)
-        if counts is None:
-            raise UserError(f"{wm.run_dir}/lam has no action_map.json: retrain the lam stage to write it")
-        self.latent_to_real = real_for_latent(counts)                      # (A,)
-        self.real_to_latent = [wm.latent_for_real_action(a) for a in range(NUM_ACTIONS)]
+        self.starts = Starts(wm, data)
+        self.latent_to_real = self.real_to_latent = None                   # keys -> latents: only where data had keys
+        if wm.procgen:
+            if not wm.has_key_map:
+                raise UserError(f"{wm.run_dir}/lam has no action_map.json: retrain the lam stage to write it")
+            self.latent_to_real = [wm.key_for_latent(k) for k in range(wm.num_latent_actions)]
+            self.real_to_latent = [wm.latent_for_real_action(a) for a in range(NUM_ACTIONS)]
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="procgenie-model")
-        # Procgen's first env in a process takes ~1.5 s to load its library: pay that now, not at the first player.
-        self.executor.submit(lambda: start_frames(0, 1, wm.env)[0].close())
+        self.executor.submit(self.starts.warm)  # Procgen's library loads now, not at the first player
         self.players: set[Player] = set()
         self.rng = np.random.default_rng()
 
@@ -70,11 +74,14 @@ class Hub:
         return {"type": "hello", "num_latent_actions": self.wm.num_latent_actions, "action_kind": self.wm.play_kind,
                 "fps": self.fps,
                 "maskgit_steps": self.steps, "context": self.context, "size": self.wm.image_size,
-                "real_actions": list(MOVES), "latent_to_real": self.latent_to_real.tolist(),
-                "real_to_latent": self.real_to_latent, "controls": self.controls()}
+                "real_actions": list(MOVES), "controls": self.controls(), "world": "procgen" if self.wm.procgen
+                else "recordings", "name": self.wm.env, "recordings": self.starts.count,
+                "latent_to_real": self.latent_to_real,
+                "real_to_latent": self.real_to_latent}
 
     def controls(self) -> str:
-        return CONTROLS.format(k=min(9, self.wm.num_latent_actions))  # number keys 1..9
+        k = min(9, self.wm.num_latent_actions)  # number keys 1..9
+        return CONTROLS.format(k=k) if self.wm.procgen else RECORDING_CONTROLS.format(k=k, idle=self.wm.idle_latent)
 
 
 class Player:
@@ -97,7 +104,7 @@ class Player:
 
     # -- model-thread work ----------------------------------------------------------------------
     def _start(self, level: int, seed: int):
-        env, ctx = start_frames(level, self.hub.context, self.hub.wm.env, seed)     # ctx (C, S, S, 3), under no-ops
+        env, ctx = self.hub.starts.open(level, self.hub.context, seed)              # ctx (C, S, S, 3), under no-ops
         noops = np.full((1, len(ctx) - 1), NOOP)
         return env, ctx, self.hub.wm.play_session(ctx[None], noops, steps=self.hub.steps, seed=seed)
 
@@ -111,7 +118,7 @@ class Player:
 
     # -- game -----------------------------------------------------------------------------------
     async def reset(self, level: int | None) -> None:
-        level = random_test_level(self.hub.rng) if level is None else level
+        level = self.hub.starts.random_level(self.hub.rng) if level is None else level
         async with self.lock:
             env, ctx, session = await self.hub.run(self._start, level, int(self.hub.rng.integers(2**31)))
             if self.env is not None:
@@ -121,7 +128,10 @@ class Player:
                                                  "ms": 0.0, "real_done": False})
 
     def choose(self) -> tuple[int, int, str]:
-        """(latent, real, source) for the next step: a held number key, else the held arrows."""
+        """(latent, real, source) for the next step: a held number key, else the held arrows (a world learned
+        from recordings without actions has no keys: its idle latent)."""
+        if self.hub.latent_to_real is None:
+            return (self.latent, NOOP, "latent") if self.latent is not None else (self.hub.wm.idle_latent, NOOP, "idle")
         if self.latent is not None:
             return self.latent, int(self.hub.latent_to_real[self.latent]), "latent"
         real = key_action(**self.keys)

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
-from procgenie.vocab import NOOP
-
 MAX_MESSAGE = 1024          # bytes in one client message; longer ones get an error reply
 NONE = type(None)
 MESSAGES = {  # type -> {field: allowed types}; `bool` is not accepted for `int`
@@ -26,20 +22,6 @@ MESSAGES = {  # type -> {field: allowed types}; `bool` is not accepted for `int`
 
 class BadMessage(Exception):
     """A client message that is refused: its text goes back as an error reply."""
-
-
-def real_for_latent(counts_RA: np.ndarray) -> np.ndarray:
-    """For each latent action, the real action (0..8) the training data shows most often with it (A,).
-
-    Procgen's 9..14 do nothing in CoinRun, so they count as noop; a latent the data never used maps to noop.
-    """
-    merged = counts_RA[:9].astype(np.int64)
-    merged[NOOP] += counts_RA[9:].sum(0).astype(np.int64)
-    out = merged.argmax(0)
-    out[merged.sum(0) == 0] = NOOP
-    return out
-
-
 
 
 def parse(text: str, num_latent: int) -> tuple[str, dict]:

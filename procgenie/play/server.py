@@ -34,7 +34,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from procgenie.errors import UserError
 from procgenie.play.game import FPS, KIND_FRAME, KIND_GIF, MAX_SESSIONS, MAX_WS_FRAME, Hub, Player  # noqa: F401
-from procgenie.play.protocol import MAX_MESSAGE, BadMessage, real_for_latent  # noqa: F401
+from procgenie.play.protocol import MAX_MESSAGE, BadMessage  # noqa: F401
 from procgenie.vocab import key_action as real_action  # noqa: F401  (the tests' and the page's name for it)
 
 log = logging.getLogger("procgenie.play")
@@ -157,18 +157,17 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, maskgit_steps: int | None = None,
           level: int | None = None, fps: float = FPS, max_sessions: int = MAX_SESSIONS,
-          precision: str = "auto") -> None:
-    """Serve the play page until Ctrl-C."""
+          precision: str = "auto", data: str | None = None) -> None:
+    """Serve the play page until Ctrl-C. data: for a world learned from recordings, the dataset to start from."""
     from procgenie.world import WorldModel
-    if maskgit_steps is not None and maskgit_steps < 1:
-        raise UserError(f"--maskgit-steps must be at least 1, got {maskgit_steps}")
     if level is not None and not 0 <= level < 2**31 - 1:
         raise UserError(f"--start-level must lie in 0..{2**31 - 2}, got {level}")
     if not 0 < fps <= 1000 or max_sessions < 1:
         raise UserError(f"--fps must lie in (0, 1000] and --max-players be at least 1, got {fps:g} and {max_sessions}")
     sock = listen(host, port)  # first: a busy port fails at once, before the model loads
     try:
-        hub = Hub(WorldModel.from_pretrained(checkpoint, precision=precision), maskgit_steps, level, fps, max_sessions)
+        hub = Hub(WorldModel.from_pretrained(checkpoint, precision=precision), maskgit_steps, level, fps, max_sessions,
+                  data)
     except BaseException:
         sock.close()
         raise

@@ -34,10 +34,18 @@ function onHello(msg) {
   const keys = Math.min(9, msg.num_latent_actions);
   $("kmax").textContent = keys;
   $("latents").innerHTML = "";
+  const recordings = msg.world === "recordings";  // learned from videos without actions: number keys only
   for (let k = 0; k < keys; k++) {
     const li = document.createElement("li");
-    li.textContent = `key ${k + 1}: latent ${k} (real side: ${msg.real_actions[msg.latent_to_real[k]]})`;
+    li.textContent = recordings ? `key ${k + 1}: latent ${k}`
+      : `key ${k + 1}: latent ${k} (real side: ${msg.real_actions[msg.latent_to_real[k]]})`;
     $("latents").appendChild(li);
+  }
+  if (recordings) {
+    $("realcap").textContent = `the ${msg.name} recording it started from, replayed (keys do not change it)`;
+    $("controls-note").textContent = msg.controls;
+    $("keytable").style.display = "none";
+    $("idle-note").textContent = "";
   }
 }
 
@@ -53,6 +61,7 @@ function onBinary(buf) {
     draw("real", body.subarray(px, 2 * px));
     showState(meta);
     $("action").textContent = meta.latent === null ? meta.action
+      : hello && hello.world === "recordings" ? `latent ${meta.latent}${meta.source === "idle" ? " (no key held)" : ""}`
       : meta.source === "latent" ? `latent ${meta.latent} (real: ${meta.action})` : `${meta.action} (latent ${meta.latent})`;
     $("ms").textContent = meta.ms.toFixed(0);
   } else if (kind === KIND_GIF) {
@@ -76,7 +85,8 @@ function showState(s) {
   let flags = "";
   if (s.paused) flags += '<span class="flag paused">paused (E steps)</span>';
   if (s.recording !== null) flags += `<span class="flag rec">REC ${s.recording}</span>`;
-  if (s.episodes) flags += `<span class="flag done">real episode ended ${s.episodes}x, restarted</span>`;
+  if (s.episodes) flags += `<span class="flag done">${hello && hello.world === "recordings" ? "recording"
+    : "real episode"} ended ${s.episodes}x, restarted</span>`;
   $("flags").innerHTML = flags;
 }
 

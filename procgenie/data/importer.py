@@ -1,0 +1,212 @@
+"""`procgenie data import`: recordings without actions (MP4, WebM, GIF, folders of frames) -> a dataset.
+
+Each source file (or frame folder) is decoded, resampled to a frame rate, made square and resized,
+cut into episodes of at most `episode_frames` frames, and written as shards of the same checksummed
+format that `collect` writes, with the actions marked absent. The split is by source: source i of the
+sorted list goes where `store.split_of(i)` says (its index stands in the level seed's place), so no
+recording is ever in two splits. A rerun of the same command continues: every shard record names the
+sources it holds. A file that cannot be decoded is named, skipped and counted, and stops nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from procgenie.atomic import exclusive, remove_stale_tmp
+from procgenie.data import store
+from procgenie.errors import UserError
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+FITS = ("crop", "pad", "squash")
+IDENTITY = ("sources", "fps", "size", "fit", "crop", "episode_frames", "name")
+SPLIT_RULE = "source index % 20 == 0 -> test, == 1 -> val, else train (sources in sorted order)"
+
+
+def find_sources(paths: list[str]) -> list[Path]:
+    """Video files, GIFs and frame folders named by `paths` (a folder of videos or of frame folders is opened)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"{p} does not exist: give video files, GIFs or folders of frames")
+        if p.is_file():
+            out.append(p)
+        elif any(c.suffix.lower() in IMAGE_SUFFIXES for c in p.iterdir()):
+            out.append(p)  # a folder of frames: one recording
+        else:
+            inner = sorted(c for c in p.iterdir() if not c.name.startswith(".") and (
+                c.suffix.lower() in VIDEO_SUFFIXES + (".gif",) or c.is_dir()))
+            if not inner:
+                raise UserError(f"{p} holds no videos, GIFs or frames ({', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)})")
+            out += inner
+    return sorted(set(out), key=str)
+
+
+def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--crop {text}: write X,Y,W,H in source pixels, e.g. 0,40,640,400") from None
+    if x < 0 or y < 0 or w < 1 or h < 1:
+        raise UserError(f"--crop {text}: X and Y must be at least 0, W and H at least 1")
+    return x, y, w, h
+
+
+def read_frames(src: Path, fps: float | None):
+    """Yield the RGB frames (PIL images) of one source at `fps` (None: every frame). Frame folders have no rate
+    of their own: their frames are all kept."""
+    from PIL import Image, ImageSequence
+    if src.is_dir():
+        for f in sorted(c for c in src.iterdir() if c.suffix.lower() in IMAGE_SUFFIXES):
+            with Image.open(f) as im:
+                yield im.convert("RGB")
+        return
+    if src.suffix.lower() == ".gif":
+        with Image.open(src) as im:
+            frames = [(f.convert("RGB"), max(f.info.get("duration", 100), 10)) for f in ImageSequence.Iterator(im)]
+        # GIF writers merge repeated frames into one of a longer duration: the commonest duration is the
+        # frame period, and a frame shown k periods counts k times (browsers show 0 ms frames for 10 ms or more).
+        period = max(set(d for _, d in frames), key=[d for _, d in frames].count) / 1000
+        step, t, keep = (period if fps is None else 1 / fps), 0.0, 0.0
+        for frame, ms in frames:
+            t += ms / 1000
+            while keep < t - 1e-6:  # every frame time that falls within this frame's display
+                yield frame
+                keep += step
+        return
+    import imageio.v3 as iio
+    rate = float(iio.immeta(src, plugin="pyav").get("fps") or 0) if fps is not None else 0.0
+    keep = 0.0
+    for i, arr in enumerate(iio.imiter(src, plugin="pyav")):
+        if fps is None or rate <= 0 or i >= keep - 1e-9:
+            yield Image.fromarray(np.asarray(arr)[..., :3])
+            keep += rate / fps if rate > 0 and fps is not None else 0
+
+
+def square(im, size: int, fit: str, crop: tuple[int, int, int, int] | None) -> np.ndarray:
+    """One frame -> uint8 (size, size, 3): optionally cut to `crop`, then made square by centre crop, black
+    padding or squashing, and resized with an area filter (each output pixel the mean of those it covers)."""
+    from PIL import Image
+    if crop is not None:
+        x, y, w, h = crop
+        if x + w > im.width or y + h > im.height:
+            raise ValueError(f"--crop {x},{y},{w},{h} reaches outside the {im.width}x{im.height} frame")
+        im = im.crop((x, y, x + w, y + h))
+    w, h = im.size
+    if fit == "crop":
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    elif fit == "pad":
+        s = max(w, h)
+        canvas = Image.new("RGB", (s, s))
+        canvas.paste(im, ((s - w) // 2, (s - h) // 2))
+        im = canvas
+    return np.asarray(im.resize((size, size), Image.Resampling.BOX), np.uint8)
+
+
+def decode(src: Path, fps: float | None, size: int, fit: str, crop) -> np.ndarray:
+    frames = [square(im, size, fit, crop) for im in read_frames(src, fps)]
+    if len(frames) < 2:
+        raise ValueError(f"{len(frames)} frame(s): a recording needs at least 2")
+    return np.stack(frames)
+
+
+def import_videos(sources: list[str], out: str, fps: float | None = None, size: int = 64, fit: str = "crop",
+                  crop: str | None = None, episode_frames: int = 1000, name: str = "video",
+                  shard_frames: int = 8192, quiet: bool = False) -> dict:
+    """Import `sources` into the dataset at `out` (continuing it if a run of the same command was cut short)."""
+    if fit not in FITS:
+        raise UserError(f"--fit {fit}: choose one of {', '.join(FITS)}")
+    if fps is not None and not 0 < fps <= 240:
+        raise UserError(f"--fps must lie in (0, 240], got {fps}")
+    if not 8 <= size <= 512:
+        raise UserError(f"--size must lie in 8..512, got {size}")
+    if episode_frames < 2:
+        raise UserError(f"--episode-frames must be at least 2, got {episode_frames}")
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"--name {name!r}: use letters, digits, - and _")
+    box = parse_crop(crop)
+    srcs = find_sources(sources)
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file: give a folder for the dataset")
+    identity = dict(sources=[str(s.resolve()) for s in srcs], fps=fps, size=size, fit=fit, crop=crop,
+                    episode_frames=episode_frames, name=name)
+    with exclusive(root, f"importing into {root}"):
+        if (root / "manifest.json").exists():
+            manifest = store.read_manifest(root)
+            old = manifest.get("import", {})
+            if {k: old.get(k) for k in IDENTITY} != identity:
+                raise UserError(f"{root} holds a dataset made from other sources or settings: rerun the same "
+                                "command to continue it, or choose another --out")
+        else:
+            if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+                raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
+            manifest = {"format": store.FORMAT, "version": store.VERSION, "env": name, "image_size": size,
+                        "actions": False, "split_rule": SPLIT_RULE, "import": identity, "sessions": 0, "shards": []}
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        store.remove_orphans(root, manifest)
+        remove_stale_tmp(root)
+        done = {i for s in manifest["shards"] for i in s.get("sources", [])}
+        session = manifest["sessions"]
+        manifest["sessions"] = session + 1
+        store.write_manifest(root, manifest)
+        pending = {s: [] for s in store.SPLITS}              # split -> [(source index, episodes)]
+        skipped, frames, shards, t0 = [], 0, 0, time.perf_counter()
+
+        def flush(split: str) -> None:
+            nonlocal shards
+            if pending[split]:
+                name_ = f"{split}-s{session:03d}-w00-{shards:05d}"
+                record = store.write_shard(root, name_, split, [e for _, eps in pending[split] for e in eps])
+                record["sources"] = [i for i, _ in pending[split]]
+                manifest["shards"].append(record)
+                store.write_manifest(root, manifest)
+                pending[split], shards = [], shards + 1
+
+        bar = tqdm(total=len(srcs), initial=len(done), unit="file", desc=f"import {name}", disable=quiet,
+                   dynamic_ncols=True)
+        for i, src in enumerate(srcs):
+            if i in done:
+                continue
+            try:
+                video = decode(src, fps, size, fit, box)                              # (T, size, size, 3)
+            except Exception as e:  # a damaged or unreadable file: name it, skip it, go on
+                skipped.append(f"{src}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+                if not quiet:
+                    tqdm.write(f"skipped {skipped[-1]}")
+                bar.update()
+                continue
+            split = store.split_of(i)
+            pieces = [video[c:c + episode_frames] for c in range(0, len(video), episode_frames)]
+            eps = [{"frames": p, "actions": np.zeros(len(p)), "rewards": np.zeros(len(p)), "level_seed": i,
+                    "truncated": False} for p in pieces if len(p) >= 2]     # no actions: zeros, marked absent
+            pending[split].append((i, eps))
+            frames += len(video)
+            bar.update()
+            bar.set_postfix(frames=f"{frames:,}", refresh=False)
+            if sum(len(e["frames"]) for _, es in pending[split] for e in es) >= shard_frames:
+                flush(split)
+        for split in store.SPLITS:
+            flush(split)
+        bar.close()
+    seconds = time.perf_counter() - t0
+    have = {s["split"]: 0 for s in manifest["shards"]}
+    for s in manifest["shards"]:
+        have[s["split"]] += s["episodes"]
+    if not quiet:
+        print(f"imported {len(srcs) - len(done) - len(skipped)} of {len(srcs)} sources ({frames:,} frames) in "
+              f"{seconds:.1f} s -> {root}; episodes by split: "
+              + ", ".join(f"{k} {have.get(k, 0)}" for k in store.SPLITS)
+              + (f"; skipped {len(skipped)} unreadable file(s), named above" if skipped else ""))
+        if not have.get("train"):
+            print("note: no source landed in the train split (source i goes to test if i % 20 == 0, val if 1): "
+                  "import 3 or more recordings to train on")
+    return {"sources": len(srcs), "imported": len(srcs) - len(done) - len(skipped), "skipped": skipped,
+            "frames": frames, "seconds": seconds}

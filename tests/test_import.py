@@ -1,0 +1,184 @@
+"""`procgenie data import`: recordings without actions (MP4, GIF, frame folders) -> a dataset that trains,
+evaluates, dreams and plays; damaged files are named and skipped; a rerun continues."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from procgenie.data.importer import square
+from procgenie.data.store import Dataset, split_of
+from procgenie.video import encode_video, upscale
+
+
+@pytest.fixture(scope="module")
+def recordings(coinrun_data, tmp_path_factory):
+    """Six CoinRun episodes as a user's recordings: two GIFs, two frame folders, two MP4s at twice the size, and
+    a damaged MP4 (sorted last). Returns the folder and each source's original frames, in sorted order."""
+    ds = Dataset(coinrun_data)
+    eps = [ds.episode(e)["frames"] for e in ds.episodes()[:6]]
+    root = tmp_path_factory.mktemp("recordings") / "videos"
+    root.mkdir()
+    names = []
+    for i, frames in enumerate(eps):
+        kind = ("gif", "png", "mp4")[i % 3]
+        name = f"rec-{i}" + ("" if kind == "png" else f".{kind}")
+        if kind == "png":
+            (root / name).mkdir()
+            for t, f in enumerate(frames):
+                iio.imwrite(root / name / f"{t:04d}.png", f)
+        else:
+            (root / name).write_bytes(encode_video(frames if kind == "gif" else upscale(frames, 2), f".{kind}", 15))
+        names.append(name)
+    (root / "zz-damaged.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    return root, eps
+
+
+def test_import_keeps_every_frame_splits_by_file_and_names_the_damaged_one(recordings, tmp_path):
+    root, originals = recordings
+    out = tmp_path / "imported"
+    proc = run_cli("data", "import", str(root), "--out", str(out))
+    assert "zz-damaged.mp4" in proc.stdout + proc.stderr and "skipped 1 unreadable" in proc.stdout
+    ds = Dataset(out)
+    assert not ds.has_actions and ds.image_size == 64
+    eps = ds.episodes()
+    assert sorted(eps["level_seed"]) == list(range(6))  # one episode per good source; the damaged one left out
+    for ep in eps:
+        i = int(ep["level_seed"])
+        frames, want = ds.episode(ep)["frames"], originals[i]
+        assert ds.shards[ep["shard"]].record["split"] == split_of(i)
+        assert frames.shape == want.shape
+        err = np.abs(frames.astype(int) - want).mean()
+        if i % 3 == 1:
+            assert err == 0                      # PNG frames: exact
+        else:
+            assert err < 6                       # GIF palette / H.264 at twice the size, scaled back down
+    assert {"train", "val", "test"} <= {s.record["split"] for s in ds.shards}
+    run_cli("data", "validate", str(out))
+    info = json.loads(run_cli("data", "info", str(out), "--json").stdout)
+    assert info["action_histogram"] is None and len(info["import"]["sources"]) == 7
+
+    again = run_cli("data", "import", str(root), "--out", str(out))  # a rerun: nothing twice, the damaged retried
+    assert "imported 0 of 7" in again.stdout and len(Dataset(out).episodes()) == 6
+    other = run_cli("data", "import", str(root), "--out", str(out), "--size", "32", check=False)
+    assert other.returncode == 2 and "other sources or settings" in other.stderr
+
+
+def test_frames_are_resampled_to_the_asked_rate(tmp_path):
+    video = np.zeros((30, 64, 64, 3), np.uint8)
+    video[:, :, :, 0] = np.arange(30)[:, None, None] * 8                  # frame t has red 8t
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.gif").write_bytes(encode_video(video, ".gif", 20))   # 50 ms a frame
+    out = tmp_path / "ds"
+    run_cli("data", "import", str(tmp_path / "src"), "--out", str(out), "--fps", "10")
+    ds = Dataset(out)
+    frames = ds.episode(ds.episodes()[0])["frames"]
+    assert len(frames) == 15 and list(frames[:4, 0, 0, 0]) == [0, 16, 32, 48]  # every other frame
+
+
+@pytest.mark.parametrize("fit, left, centre", [("crop", 200, 200), ("pad", 0, 200), ("squash", 100, 200)])
+def test_a_wide_frame_is_made_square_as_asked(fit, left, centre):
+    wide = np.zeros((64, 128, 3), np.uint8)
+    wide[:, 32:96] = 200                                                  # a bright square in the middle
+    wide[:, :32] = 100 if fit == "squash" else 0                          # dark sides (grey to tell squash)
+    wide[:, 96:] = 100 if fit == "squash" else 0
+    out = square(Image.fromarray(wide), 32, fit, None)
+    assert out.shape == (32, 32, 3)
+    assert out[16, 0, 0] == (left if fit != "crop" else 200) and out[16, 16, 0] == centre
+
+
+def test_a_missing_source_or_bad_crop_is_one_clear_line(tmp_path):
+    proc = run_cli("data", "import", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("data", "import", str(tmp_path), "--out", str(tmp_path / "d"), "--crop", "1,2,3", check=False)
+    assert proc.returncode == 2 and "X,Y,W,H" in proc.stderr
+
+
+def readme_video_commands() -> list[list[str]]:
+    """The procgenie steps of the README's "Your own videos" command line."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Your own videos.*?```bash\n(.*?)```", text, re.S)[1]
+    return [shlex.split(step)[1:] for step in block.strip().split("&&")]
+
+
+@pytest.mark.slow
+def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recordings, tmp_path):
+    """The README's command line for your own videos (tiny preset), then eval, dream and play on its world."""
+    root, originals = recordings
+    steps = readme_video_commands()
+    assert [s[:2] for s in steps] == [["data", "import"], ["train", "all"], ["play", "--checkpoint"]]
+    shutil.copytree(root, tmp_path / steps[0][2])                          # the user's folder of recordings
+    for step in steps[:2]:                                                 # as written, in the user's folder
+        tiny = ["--preset", "tiny", "--set", "workers=0"] if step[0] == "train" else []
+        subprocess.run([sys.executable, "-m", "procgenie", *step, *tiny], cwd=tmp_path, check=True,
+                       capture_output=True, timeout=900)
+    data, run = tmp_path / steps[0][steps[0].index("--out") + 1], tmp_path / steps[1][steps[1].index("--run") + 1]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "procgenie", *steps[2], "--port", str(port)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    assert r.status == 200 and b"procgenie" in r.read()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, f"play did not start: {server.stdout.read()}"
+                time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    real = run_cli("train", "dynamics", "--data", str(data), "--run", str(run), "--preset", "tiny", "--set",
+                   "actions=real", check=False)
+    assert real.returncode == 2 and "no actions" in real.stderr
+
+    run_cli("eval", "--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "eval"), "--horizon", "4")
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["lam"]["nmi_real_actions"] is None and m["play"] is None and m["data"]["actions"] is False
+    assert np.isfinite(m["dynamics"]["delta_psnr_t4"]) and len(m["dynamics"]["psnr_by_step"]) == 4
+    assert not (tmp_path / "eval" / "lam_confusion.png").exists()
+
+    gif = tmp_path / "dream.gif"
+    run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--actions", "0*3,1*3", "--steps", "6")
+    assert iio.imread(gif, index=None).shape[0] == 6 + 3   # context (tiny: seq_len 4 -> 3 frames) + dream
+    named = run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--actions", "right*3", check=False)
+    assert named.returncode == 2 and "latent ids" in named.stderr
+
+    from procgenie.play import server as play
+    from procgenie.world import WorldModel
+    wm = WorldModel.from_pretrained(run, device="cpu")
+    assert not wm.procgen and not wm.has_key_map
+    hub = play.Hub(wm, level=0)
+    hello = hub.hello()
+    assert hello["world"] == "recordings" and hello["real_to_latent"] is None and hello["recordings"] == 1
+    player = play.Player(hub, ws=None)
+    player.env, ctx, player.session = player._start(0, 0)
+    test_video = originals[0]                                             # the one test-split source (index 0)
+    assert np.abs(ctx.astype(int) - test_video[:len(ctx)]).mean() < 6
+    player.keys["right"] = True                                           # arrows mean nothing here
+    assert player.choose() == (wm.idle_latent, 4, "idle")
+    player.latent = 1
+    dream, shown, _ = player._step(*player.choose()[:2])
+    assert dream.shape == (64, 64, 3) and np.abs(shown.astype(int) - test_video[len(ctx)]).mean() < 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
