@@ -92,6 +92,7 @@ def test_on_a_cpu_freed_large_blocks_are_reused_without_page_faults():
     """A 64 MB tensor made, freed and made again: page-faulted anew each time by default, not after the setting."""
     code = """
 import resource, sys, torch
+import procgenie.train  # as a training process has it (with runtime alone the heap fell back to mmap)
 from procgenie.runtime import keep_freed_memory
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
