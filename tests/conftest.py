@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,25 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.
     if check and proc.returncode != 0:
         raise AssertionError(f"procgenie {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def serve_play_page(args: list[str], cwd) -> None:
+    """Start `procgenie play ARGS` on a free port in `cwd`, fetch its page, stop it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "procgenie", *args, "--port", str(port)], cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    assert r.status == 200 and b"procgenie" in r.read()
+                return
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "play did not start"
+                time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -7,17 +7,14 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, serve_play_page
 from PIL import Image
 
 from procgenie.data.importer import square
@@ -127,22 +124,7 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
         subprocess.run([sys.executable, "-m", "procgenie", *step, *tiny], cwd=tmp_path, check=True,
                        capture_output=True, timeout=900)
     data, run = tmp_path / steps[0][steps[0].index("--out") + 1], tmp_path / steps[1][steps[1].index("--run") + 1]
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "procgenie", *steps[2], "--port", str(port)], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-                    assert r.status == 200 and b"procgenie" in r.read()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, f"play did not start: {server.stdout.read()}"
-                time.sleep(0.5)
-    finally:
-        server.terminate()
-        server.wait(30)
+    serve_play_page(steps[2], tmp_path)
 
     real = run_cli("train", "dynamics", "--data", str(data), "--run", str(run), "--preset", "tiny", "--set",
                    "actions=real", check=False)
@@ -177,8 +159,3 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     dream, shown, _ = player._step(*player.choose()[:2])
     assert dream.shape == (64, 64, 3) and np.abs(shown.astype(int) - test_video[len(ctx)]).mean() < 6
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

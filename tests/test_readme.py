@@ -3,14 +3,12 @@ steps run end to end (with the tiny preset and a smaller dataset, as the issue a
 
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import serve_play_page
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +25,6 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests.endswith("pytest -q")
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == tests  # CI runs exactly the README's test command
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -57,20 +49,4 @@ def test_readme_main_command_runs_end_to_end(tmp_path):
     for report in ("reports/quick", "reports/bundled"):
         assert (tmp_path / report / "metrics.json").exists() and (tmp_path / report / "report.html").exists()
     # The last step serves the bundled world: start it, fetch the page, stop it.
-    port = _free_port()
-    args = shlex.split(steps[-1])[1:] + ["--port", str(port)]
-    server = subprocess.Popen([sys.executable, "-m", "procgenie", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-                    assert r.status == 200 and b"procgenie" in r.read()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "play did not start"
-                time.sleep(0.5)
-    finally:
-        server.terminate()
-        server.wait(30)
+    serve_play_page(shlex.split(steps[-1])[1:], tmp_path)
