@@ -11,7 +11,7 @@
   the forward that activation checkpointing recomputes)
   over the FLOP/s of a large square matrix product timed in the same run, in the same precision.
   The SPEC's top-level figure is the dynamics stage's; every stage's share is reported too.
-- Play: frames/s and per-frame latency of `world.Session.step` (batch 1, one frame per call, MaskGIT
+- Play: frames/s and per-frame latency of `session.Session.step` (batch 1, one frame per call, MaskGIT
   decoding and the tokenizer's decoder) at play's MaskGIT steps (`--maskgit-steps`, else play's
   default), timed once the key/value caches are full, as in long play.
 
@@ -22,10 +22,8 @@ case): on a shared machine both training and the matmul peak see the same neighb
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,9 +33,11 @@ from procgenie import config as C
 from procgenie.atomic import write_json_atomic
 from procgenie.errors import UserError
 from procgenie.models import Links, build, pick_device
+from procgenie.overrides import apply_overrides
 from procgenie.precision import check as check_precision
 from procgenie.precision import resolve
 from procgenie.runtime import set_cpu_threads, speed_settings
+from procgenie.timing import device_name, matmul_flops_per_s, time_calls
 from procgenie.train import make_optimizer, set_act_ckpt, train_step
 from procgenie.vocab import NUM_ACTIONS
 
@@ -45,52 +45,6 @@ from procgenie.vocab import NUM_ACTIONS
 def _say(msg: str) -> None:
     """Progress goes to stderr, so stdout holds only the table."""
     print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _time_calls(fn, device, seconds: float, min_calls: int) -> list[float]:
-    """Wall-clock seconds of each of repeated fn() calls, for `seconds` and at least `min_calls` calls."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    if device.type == "mps":
-        return f"mps: {platform.machine()}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {torch.get_num_threads()} threads"
-
-
-# -- the matmul peak -----------------------------------------------------------------------------
-
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, seconds: float) -> tuple[float, int]:
-    """FLOP/s of an (n, n) @ (n, n) product in `dtype`, n large enough to reach the kernels' peak."""
-    n = {"cuda": 8192, "mps": 4096}.get(device.type, 2048)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    times = _time_calls(lambda: a @ b, device, min(0.2, seconds / 4), 1)  # warm-up: kernel choice, clocks
-    times = _time_calls(lambda: a @ b, device, seconds, 3)
-    return 2 * n ** 3 * len(times) / sum(times), n
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -126,7 +80,7 @@ def prepare(preset: str, overrides: list[str] | None = None, precision: str | No
     """(stages, device) to time: the preset with `train --set` overrides and precision ('auto'/'bf16'/'fp32',
     None: the preset's), resolved for the device training would pick, with training's thread and kernel settings."""
     stages = C.preset(preset)
-    C.apply_overrides(stages, overrides or [], C.STAGES)
+    apply_overrides(stages, overrides or [], C.STAGES)
     device = pick_device()
     if device.type == "cpu":
         set_cpu_threads()  # first: auto's measurement runs with training's threads
@@ -153,7 +107,7 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
         _say(f"compiling the {stage} model (minutes on a CPU) ...")
         net = torch.compile(model)
     train_step(net, model, opt, batch, t, device)
-    times = _time_calls(lambda: train_step(net, model, opt, batch, t, device), device, seconds, 3)
+    times = time_calls(lambda: train_step(net, model, opt, batch, t, device), device, seconds, 3)
     step_s = sum(times) / len(times)
     return {"frames_per_s": B * T / step_s, "step_ms": 1000 * step_s, "flops_per_step": flops,
             "flops_per_s": flops / step_s, "batch_size": B, "seq_len": T}
@@ -188,7 +142,7 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
 
     for _ in range(wm.play_cfg.model.seq_len):  # fill the dynamics and decoder caches to their window
         one_frame()
-    times = _time_calls(one_frame, wm.device, seconds, 10)
+    times = time_calls(one_frame, wm.device, seconds, 10)
     ms = 1000 * np.array(times)
     return {"play_fps": len(times) / sum(times), "play_latency_ms_p50": float(np.percentile(ms, 50)),
             "play_latency_ms_p95": float(np.percentile(ms, 95)), "play_maskgit_steps": steps,

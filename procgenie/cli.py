@@ -1,93 +1,16 @@
-"""`procgenie <command>`: the command line. Each command imports its heavy parts lazily."""
+"""`procgenie <command>`: the command line's parser and its errors; what each command runs is in commands.py."""
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 
+from procgenie import commands
 from procgenie.errors import Stopped, UserError
 
 RAW = argparse.RawDescriptionHelpFormatter
-
-
-def _collect(a) -> None:
-    from procgenie.data.collect import collect
-    collect(a.out, a.episodes, env=a.env, policy=a.policy, start_level=a.start_level, num_levels=a.num_levels,
-            max_steps=a.max_steps, seed=a.seed, workers=a.workers, envs=a.envs, shard_frames=a.shard_frames)
-
-
-def _data(a) -> None:
-    from procgenie.data import store
-    if a.action == "validate":
-        manifest = store.read_manifest(a.dir)
-        problems = list(store.iter_problems(__import__("pathlib").Path(a.dir), manifest))
-        for p in problems:
-            print(p, file=sys.stderr)
-        if problems:
-            raise UserError(f"{a.dir}: {len(problems)} damaged shard(s); recollect them by deleting their "
-                            "records from manifest.json and rerunning the collect command")
-        n = sum(s["frames"] for s in manifest["shards"])
-        print(f"{a.dir}: {len(manifest['shards'])} shards, {n:,} frames: all checksums and shapes are good")
-        return
-    info = store.summary(store.Dataset(a.dir, verify=False))
-    if a.json:
-        print(json.dumps(info, indent=2))
-        return
-    print(f"dataset {a.dir}: {info['env']}, {info['image_size']}x{info['image_size']} frames")
-    print(f"  episodes {info['episodes']:,}  frames {info['frames']:,}  mean episode length "
-          f"{info['mean_episode_length']:.1f}  truncated {info['truncated']}")
-    for s, d in info["splits"].items():
-        print(f"  {s:<5} {d['episodes']:>7,} episodes {d['frames']:>10,} frames {d['levels']:>6,} levels")
-    if info["action_histogram"] is None:
-        im = info["import"] or {}
-        print(f"  no actions (imported from {len(im.get('sources', []))} recordings, fps {im.get('fps') or 'kept'}, "
-              f"fit {im.get('fit')})")
-        return
-    print(f"  reached the coin (return > 0): {info['reached_coin']:.1%} of episodes")
-    total = max(1, sum(info["action_histogram"].values()))
-    print("  actions: " + "  ".join(f"{k} {v / total:.1%}" for k, v in info["action_histogram"].items()))
-    c = info["collect"]
-    print(f"  collected with policy {c.get('policy')}, levels [{c.get('start_level')}, "
-          f"{c.get('start_level', 0) + c.get('num_levels', 0)}), seed {c.get('seed')}, max steps {c.get('max_steps')}")
-
-
-def _import(a) -> None:
-    from procgenie.data.importer import import_videos
-    import_videos(a.sources, a.out, fps=a.fps, size=a.size, fit=a.fit, crop=a.crop, episode_frames=a.episode_frames,
-                  name=a.name)
-
-
-def _train(a) -> None:
-    from procgenie.stages import train_stages
-    sets = [*(a.set or []), *([f"precision={a.precision}"] if a.precision else [])]
-    train_stages(a.stage, a.data, a.run, preset=a.preset, steps=a.steps, overrides=sets)
-
-
-def _eval(a) -> None:
-    from procgenie.evaluate import evaluate
-    evaluate(a.checkpoint, a.data, a.out, episodes=a.episodes, context=a.context, horizon=a.horizon,
-             maskgit_steps=a.maskgit_steps, seed=a.seed, precision=a.precision)
-
-
-def _play(a) -> None:
-    from procgenie.play.server import serve
-    serve(a.checkpoint, host=a.host, port=a.port, maskgit_steps=a.maskgit_steps, level=a.start_level, fps=a.fps,
-          max_sessions=a.max_players, precision=a.precision, data=a.data)
-
-
-def _dream(a) -> None:
-    from procgenie.dream import dream
-    dream(a.checkpoint, a.out, actions=a.actions, steps=a.steps, level=a.level, fps=a.fps, seed=a.seed,
-          maskgit_steps=a.maskgit_steps, precision=a.precision, data=a.data)
-
-
-def _bench(a) -> None:
-    from procgenie.bench import bench
-    bench(a.checkpoint, json_path=a.json, seconds=a.seconds, maskgit_steps=a.maskgit_steps, preset=a.preset,
-          precision=a.precision, overrides=a.set)
 
 
 def _at_least_1(text: str) -> int:
@@ -110,7 +33,8 @@ def _precision_arg(parser, what: str, default: str | None = "auto") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from procgenie.config import PRESETS, help_text
+    from procgenie.config import PRESETS
+    from procgenie.overrides import help_text
     p = argparse.ArgumentParser(prog="procgenie", description="A Genie-style world model of Procgen CoinRun: "
                                 "collect play, train tokenizer, latent action model and dynamics, evaluate, play.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=1, help="collector processes (default 1)")
     c.add_argument("--envs", type=int, default=16, help="environments per worker (default 16)")
     c.add_argument("--shard-frames", type=int, default=8192, help="frames per shard file (default 8192)")
-    c.set_defaults(fn=_collect)
+    c.set_defaults(fn=commands.collect)
 
     d = sub.add_parser("data", help="summarise, check or import a dataset",
                        description="`data info DIR` summarises a dataset; `data validate DIR` checks every "
@@ -143,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("dir", help="dataset folder")
         if action == "info":
             a.add_argument("--json", action="store_true", help="print JSON")
-        a.set_defaults(fn=_data)
+        a.set_defaults(fn=commands.data)
     from procgenie.data.importer import FITS
     im = dsub.add_parser("import", help="videos or frame folders -> a dataset without actions", description=(
         "Decodes videos (MP4, WebM, MKV, MOV), GIFs and folders of frames (PNG, JPEG), resamples them to --fps, "
@@ -163,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "this many frames (default 1000)")
     im.add_argument("--name", default="video", help="the dataset's world name, kept with the models trained on it "
                     "(default video)")
-    im.set_defaults(fn=_import)
+    im.set_defaults(fn=commands.import_)
 
     t = sub.add_parser("train", help="train a stage, or all three in order", formatter_class=RAW,
                        description="Trains the tokenizer, the latent action model, the dynamics model, or all "
@@ -177,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
     t.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", help="override config fields (see below)")
     _precision_arg(t, "train (saved in the run's config; default: the preset's, auto)", default=None)
-    t.set_defaults(fn=_train)
+    t.set_defaults(fn=commands.train)
 
     e = sub.add_parser("eval", help="evaluate a world model on the test split",
                        description="Writes metrics.json, pictures, plots, a GIF and report.html into --out.")
@@ -190,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps (default: the model's)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _precision_arg(e, "evaluate")
-    e.set_defaults(fn=_eval)
+    e.set_defaults(fn=commands.eval)
 
     pl = sub.add_parser("play", help="play the learned world in a browser",
                         description="Serves a page on which you play the learned world with the keyboard.")
@@ -205,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--fps", type=float, default=15.0, help="target frames per second of each player (default 15)")
     pl.add_argument("--max-players", type=int, default=4, help="connections served at once (default 4)")
     _precision_arg(pl, "play")
-    pl.set_defaults(fn=_play)
+    pl.set_defaults(fn=commands.play)
 
     from procgenie.dream import ACTIONS_HELP
     dr = sub.add_parser("dream", help="render a rollout of the learned world to GIF or MP4", formatter_class=RAW,
@@ -224,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     dr.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps (default: the model's)")
     _precision_arg(dr, "dream")
-    dr.set_defaults(fn=_dream)
+    dr.set_defaults(fn=commands.dream)
 
     b = sub.add_parser("bench", help="measure training and play speed",
                        description="Training frames/s per stage, matmul peak share, play fps and latency.",
@@ -238,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the preset's config fields for the timed training (as `train --set`)")
     _precision_arg(b, "train, time the matmul peak and play")
-    b.set_defaults(fn=_bench)
+    b.set_defaults(fn=commands.bench)
     return p
 
 

@@ -1,6 +1,7 @@
-"""Typed configs for the three models and their training, the presets, and `--set` overrides.
+"""Typed configs for the three models and their training, the presets, and their JSON form.
 
-Every field carries a one-line `help` that `procgenie train --help` prints. A stage's resolved
+Every field carries a one-line `help` that `procgenie train --help` prints (`--set` overrides and the checks
+on them: procgenie/overrides.py). A stage's resolved
 config (model + train) is written to `RUN/<stage>/config.json`, and every loader rebuilds the
 model from that file alone: no hyperparameter is declared twice.
 """
@@ -88,6 +89,8 @@ class DynamicsConfig:
                               "round's logits moved from the unknown action's by this factor; 1 is off")
     mask_min: float = _f(0.5, "lowest training mask rate")
     mask_max: float = _f(1.0, "highest training mask rate")
+    changed_weight: float = _f(1.0, "loss weight of the masked codes that differ from the previous frame's code at "
+                                    "their place, against 1 for those that stay (1: plain MaskGIT loss)")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
     decode: str = _f("sample", "how a code is picked: 'sample' (drawn at `temperature`) or 'mean' (each FSQ channel's "
                                "expected level, rounded; FSQ tokenizers only)")
@@ -127,7 +130,7 @@ class StageConfig:
     """What `RUN/<stage>/config.json` holds: the model's and the trainer's settings."""
 
     stage: str
-    model: typing.Any
+    model: TokenizerConfig | LAMConfig | DynamicsConfig
     train: TrainConfig
 
 
@@ -143,16 +146,15 @@ def preset(name: str) -> dict[str, StageConfig]:
         lam = LAMConfig(patch_size=16, width=32, enc_depth=1, dec_depth=1, heads=2, seq_len=4)
         dyn = DynamicsConfig(width=32, depth=1, heads=2, maskgit_steps=2, seq_len=4)
         t_tok = t_lam = t_dyn = TrainConfig(steps=20, batch_size=4, lr=2e-3, warmup=2, log_every=5, ckpt_every=10)
-    elif name == "cpu":  # the default: 55 minutes on 2 cores, measured end to end (tokenizer 14, LAM 7, dynamics 34)
+    elif name == "cpu":  # the default: about an hour on 2 cores end to end (docs/bundled.md has the wall times)
         tok = TokenizerConfig(width=128, seq_len=2)
         lam = LAMConfig(width=128)
-        # Decoding: 2 rounds at temperature 0.7 beat 8 rounds at 1.0 on the bundled model (step-10 PSNR 18.9 vs
-        # 18.2 dB), at a quarter of the cost; picking each code as its FSQ channels' expected levels beat sampling
-        # at 0.7 again (17.64 vs 17.30 dB on this preset's model; docs/bundled.md). The temperature serves callers
+        # Decoding: 2 rounds, each code its FSQ channels' expected level; it beat 8 rounds of sampling at a
+        # quarter of the cost (docs/bundled.md, "Decoding by expected level"). The temperature serves callers
         # that ask to sample.
         dyn = DynamicsConfig(seq_len=8, maskgit_steps=2, temperature=0.7, decode="mean")
-        # Steps split to fit an hour: this split beat tokenizer 3,300 / LAM 2,000 / dynamics 1,150 (also an hour) at
-        # every rollout step (step 10: 17.3 vs 16.75 dB) though its tokenizer is 1.5 dB worse (docs/bundled.md).
+        # Steps split to fit an hour: more dynamics steps beat a better tokenizer at every rollout step
+        # (docs/bundled.md, "The cpu preset in 60 minutes").
         t_tok = TrainConfig(steps=2000, batch_size=16, lr=1e-3, warmup=100)
         t_lam = TrainConfig(steps=1300, batch_size=32, lr=3e-4, warmup=100)
         t_dyn = TrainConfig(steps=1900, batch_size=8, lr=1e-3, warmup=100)
@@ -177,152 +179,12 @@ def preset(name: str) -> dict[str, StageConfig]:
 
 
 # ---------------------------------------------------------------------------------------------
-# --set key=value overrides
+# (de)serialisation
 
-def _parse_value(raw: str, typ, key: str):
-    """Parse one override value to the field's declared type, or raise a one-line UserError."""
-    origin = typing.get_origin(typ)
-    try:
-        if typ is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            return int(raw)
-        if typ is float:
-            v = float(raw)
-            if v != v or v in (float("inf"), float("-inf")):
-                raise ValueError
-            return v
-        if typ is str:
-            return raw
-        if origin is tuple:
-            parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
-            return tuple(int(p) for p in parts)
-    except ValueError:
-        pass
-    want = {bool: "true or false", int: "an integer", float: "a finite number", str: "text"}.get(
-        typ, "comma-separated integers like 8,5,5,5")
-    raise UserError(f"bad value for --set {key}={raw!r}: expected {want}")
-
-
-def _field_types(cls) -> dict[str, type]:
+def field_types(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
-
-def apply_overrides(stages: dict[str, StageConfig], overrides: list[str], only: tuple[str, ...]) -> None:
-    """Apply `key=value` overrides in place to the stages in `only`.
-
-    Keys: `field` (the stage's model, then its train config), `model.field`, `train.field`,
-    `<stage>.field` or `<stage>.train.field`.
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"bad --set {item!r}: write it as key=value, e.g. --set lr=3e-4")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        parts = key.split(".")
-        targets = only
-        if parts[0] in STAGES:
-            targets = (parts[0],)
-            parts = parts[1:]
-            if parts[0:1] == ["model"]:
-                parts = parts[1:]
-        hit = False
-        for stage in targets:
-            sc = stages[stage]
-            if len(parts) == 1:
-                where = [sc.model, sc.train]
-            elif len(parts) == 2 and parts[0] in ("model", "train"):
-                where = [sc.model if parts[0] == "model" else sc.train]
-            else:
-                where = []
-            name = parts[-1] if parts else ""
-            for obj in where:
-                types_ = _field_types(type(obj))
-                if name in types_:
-                    setattr(obj, name, _parse_value(raw, types_[name], key))
-                    hit = True
-                    break
-        if not hit:
-            valid = sorted({n for s in only for n in list(_field_types(type(stages[s].model)))
-                            + list(_field_types(TrainConfig))})
-            raise UserError(f"unknown --set key {key!r} for {'/'.join(only)}: valid keys are {', '.join(valid)}")
-    for stage in only:
-        validate(stages[stage])
-
-
-# Model fields that may be 0; every other integer of a model config is a size or a count, at least 1.
-MAY_BE_ZERO = {"stem_channels"}
-
-
-def validate(sc: StageConfig) -> None:
-    """Cross-field checks that a bad override would otherwise turn into a shape error deep inside."""
-    m, t = sc.model, sc.train
-    for name, typ in _field_types(type(m)).items():
-        low = 0 if name in MAY_BE_ZERO else 1
-        if typ is int and getattr(m, name) < low:
-            raise UserError(f"{sc.stage}: {name} must be at least {low}, got {getattr(m, name)}")
-    levels = getattr(m, "fsq_levels", (2,))
-    if not levels or min(levels) < 2:
-        raise UserError(f"{sc.stage}: fsq_levels must be one or more levels of at least 2, got {m.fsq_levels}")
-    for name in ("commitment", "temperature"):
-        if getattr(m, name, 0) < 0:
-            raise UserError(f"{sc.stage}: {name} must not be negative")
-    if not 0 <= getattr(m, "mask_min", 0) <= getattr(m, "mask_max", 1) <= 1:
-        raise UserError(f"{sc.stage}: mask rates must satisfy 0 <= mask_min <= mask_max <= 1, got "
-                        f"{m.mask_min} and {m.mask_max}")
-    if hasattr(m, "image_size") and m.image_size % m.patch_size:
-        raise UserError(f"{sc.stage}: patch_size {m.patch_size} must divide image_size {m.image_size}")
-    if m.width % m.heads:
-        raise UserError(f"{sc.stage}: width {m.width} must be divisible by heads {m.heads}")
-    if getattr(m, "quantizer", "fsq") not in ("fsq", "vq"):
-        raise UserError(f"{sc.stage}: quantizer must be 'fsq' or 'vq', not '{m.quantizer}'")
-    if not 0 <= getattr(m, "continuous_frac", 0) < 1:
-        raise UserError(f"{sc.stage}: continuous_frac must lie in [0, 1), got {m.continuous_frac}")
-    if getattr(m, "decode", "sample") not in ("sample", "mean"):
-        raise UserError(f"{sc.stage}: decode must be 'sample' or 'mean', not '{m.decode}'")
-    if getattr(m, "actions", "latent") not in ACTION_KINDS:
-        raise UserError(f"{sc.stage}: actions must be 'latent' or 'real', not '{m.actions}'")
-    if not 0 <= getattr(m, "action_dropout", 0) < 1:
-        raise UserError(f"{sc.stage}: action_dropout must lie in [0, 1), got {m.action_dropout}")
-    if getattr(m, "action_cond", "token") not in ("token", "add"):
-        raise UserError(f"{sc.stage}: action_cond must be 'token' or 'add', not '{m.action_cond}'")
-    if m.seq_len < 2 and sc.stage != "tokenizer":
-        raise UserError(f"{sc.stage}: seq_len must be at least 2")
-    if t.precision not in PRECISIONS:
-        raise UserError(f"{sc.stage}: train.precision must be auto, bf16 or fp32, not '{t.precision}'")
-    if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum "
-                        f"{t.grad_accum}")
-    for name in ("lr", "warmup", "weight_decay", "grad_clip", "seed", "workers"):
-        if getattr(t, name) < 0:
-            raise UserError(f"{sc.stage}: train.{name} must not be negative")
-    if t.log_every < 1 or t.ckpt_every < 1:
-        raise UserError(f"{sc.stage}: train.log_every and train.ckpt_every must be at least 1")
-    if not 0 <= t.min_lr_frac <= 1:
-        raise UserError(f"{sc.stage}: train.min_lr_frac must lie in 0..1, got {t.min_lr_frac}")
-    if t.lr > 1e37:  # AdamW's first step is lr / (1 - beta1) = 10 lr: past float32's ~3.4e38 it cannot be applied
-        raise UserError(f"{sc.stage}: train.lr {t.lr:g} is too large to apply; learning rates lie around 1e-4 to 1e-2")
-
-
-def help_text(stages: tuple[str, ...]) -> str:
-    """The `--set` keys with their help lines, for argparse epilogs."""
-    lines = []
-    for stage in stages:
-        cls = MODEL_CONFIGS[stage]
-        lines.append(f"{stage} model keys (--set {stage}.KEY=V or KEY=V):")
-        lines += [f"  {f.name:<15} {f.metadata['help']} [{f.default}]" for f in dataclasses.fields(cls)]
-    lines.append("train keys (--set train.KEY=V or KEY=V), defaults of the cpu preset vary by stage:")
-    lines += [f"  {f.name:<15} {f.metadata['help']}" for f in dataclasses.fields(TrainConfig)]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# (de)serialisation
 
 def to_dict(sc: StageConfig) -> dict:
     return {"stage": sc.stage, "model": dataclasses.asdict(sc.model), "train": dataclasses.asdict(sc.train)}
@@ -338,7 +200,7 @@ def _of_type(v, typ) -> bool:
 
 
 def _from_fields(cls, d: dict):
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     kwargs = {}
     for k, v in d.items():
         if k not in types_:

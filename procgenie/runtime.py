@@ -66,8 +66,8 @@ def keep_freed_memory() -> bool:
 
     PyTorch's CPU allocator has no cache: glibc serves each block over 32 MB (the dynamics model's logits,
     their float32 copy, their gradient) from fresh pages and unmaps them when freed, so every training
-    step page-faults and zero-fills ~170 MB anew. Kept in the heap instead, a fresh 44 MB float32 copy
-    costs 2.4 ms instead of 17, and the cpu preset's dynamics step about 10% less (docs/benchmarks.md).
+    step page-faults and zero-fills those blocks anew. Kept in the heap instead, they are reused at once
+    (what that saves per step: docs/benchmarks.md).
     The process keeps its peak heap until it exits. Returns whether the setting took.
     """
     try:

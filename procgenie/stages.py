@@ -19,6 +19,7 @@ from procgenie.data.loader import ClipSampler
 from procgenie.data.store import Dataset
 from procgenie.errors import UserError
 from procgenie.models import Links, build_for_training, check_data, write_action_map
+from procgenie.overrides import apply_overrides
 from procgenie.precision import resolve
 from procgenie.runtime import distributed, speed_settings
 from procgenie.train import fit
@@ -39,12 +40,12 @@ def resolve_stage_config(stage: str, run: Path, preset: str | None, steps: int |
     if steps is not None:
         overrides = [f"steps={steps}", *overrides]
     kind = C.preset(preset or "cpu")
-    C.apply_overrides(kind, overrides, (stage,))
+    apply_overrides(kind, overrides, (stage,))
     stage_dir = run / C.stage_folder(stage, kind[stage].model)
     saved = ckpt.read_config(stage_dir, stage) if (stage_dir / "config.json").exists() else None
     name = preset or (saved[1].get("preset") if saved else None) or "cpu"
     stages = C.preset(name)
-    C.apply_overrides(stages, overrides, (stage,))
+    apply_overrides(stages, overrides, (stage,))
     sc = stages[stage]
     if saved:
         old = C.to_dict(saved[0])
@@ -136,7 +137,7 @@ def train_stages(stage: str, data: str, run: str, preset: str | None = None, ste
         raise UserError(f"--run {run} is a file: give a folder for the run")
     lost = [o for o in overrides if not any(_applies(s, o) for s in stages)]
     if lost:  # let the usual check name the unknown key
-        C.apply_overrides(C.preset("cpu"), lost, stages)
+        apply_overrides(C.preset("cpu"), lost, stages)
     for s in stages:
         train_stage(s, data, run, preset, steps, [o for o in overrides if _applies(s, o)])
 

@@ -3,8 +3,8 @@
     wm = WorldModel.from_pretrained()             # the bundled model, or from_pretrained("runs/x")
     frames = wm.generate(context, actions)        # uint8 (B, C, 64, 64, 3), int64 (B, H) -> (B, H, ...)
 
-`Session` is the incremental form that play uses: one frame per call, with the dynamics and
-tokenizer-decoder key/value caches kept between calls.
+`Session` (procgenie/session.py) is the incremental form that play uses: one frame per call, with the
+dynamics and tokenizer-decoder key/value caches kept between calls.
 
 Letters: B batch, C context frames, H generated frames, N positions, G codes per position.
 """
@@ -20,6 +20,7 @@ from procgenie import checkpoint as ckpt
 from procgenie.errors import UserError
 from procgenie.models import check_links, load_stage, pick_device, read_action_map, read_latent_usage
 from procgenie.precision import autocast, resolve
+from procgenie.session import Session, to_uint8
 from procgenie.vocab import NOOP, NUM_ACTIONS, PROCGEN_GAMES, most_specific_latent, real_for_latent
 
 
@@ -28,10 +29,6 @@ def _frames_in(frames, size: int, name: str, min_t: int = 1) -> torch.Tensor:
     if a.dtype != np.uint8 or a.ndim != 5 or a.shape[2:] != (size, size, 3) or a.shape[1] < min_t:
         raise UserError(f"{name} must be uint8 (B, T>={min_t}, {size}, {size}, 3), got {a.dtype} {a.shape}")
     return torch.from_numpy(np.require(a, requirements=["C", "W"]))
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 PLAY_MASKGIT_STEPS = 2      # at most this many MaskGIT rounds per played frame for a model that samples its codes
@@ -106,7 +103,7 @@ class WorldModel:
 
     @property
     def num_actions(self) -> int:
-        """How many actions `generate` takes: the latent count, or Procgen's 15."""
+        """How many actions `generate` takes: the latent count, or Procgen's (vocab.NUM_ACTIONS)."""
         return self.dynamics.A
 
     def play_steps(self, asked: int | None = None) -> int:
@@ -121,7 +118,8 @@ class WorldModel:
         m = self.play_cfg.model
         return 1 if m.decode == "mean" else min(PLAY_MASKGIT_STEPS, m.maskgit_steps)
 
-    def _autocast(self):
+    def compute_precision(self):
+        """The context that runs this model's computations in its precision (bf16 autocast or none)."""
         return autocast(self.device, self.precision)
 
     def fast_weights(self) -> "WorldModel":
@@ -141,7 +139,7 @@ class WorldModel:
     def reconstruct(self, frames) -> np.ndarray:
         """uint8 (B, T, H, W, 3) -> uint8, same shape: the tokenizer's round trip."""
         x = _frames_in(frames, self.image_size, "frames")
-        return self._chunked(lambda c: _to_uint8(self.tokenizer.decode(self.tokenizer.encode(c))), x)
+        return self._chunked(lambda c: to_uint8(self.tokenizer.decode(self.tokenizer.encode(c))), x)
 
     @torch.no_grad()
     def encode(self, frames) -> np.ndarray:
@@ -168,12 +166,12 @@ class WorldModel:
         a = torch.from_numpy(self._actions_in(actions, "latent actions", self.num_latent_actions, x.shape[0]))
         if a.shape[1] != x.shape[1]:
             raise UserError(f"lam_next_frames takes one latent action per frame, got {a.shape[1]} for {x.shape[1]}")
-        return self._chunked(lambda c, ac: _to_uint8(self.lam.predict(c, ac)), x, a)
+        return self._chunked(lambda c, ac: to_uint8(self.lam.predict(c, ac)), x, a)
 
     def _chunked(self, fn, *tensors: torch.Tensor, size: int = 16) -> np.ndarray:
         """fn over batches of `size` clips, moved to the device and under this model's autocast; bounds memory."""
         outs = []
-        with self._autocast():
+        with self.compute_precision():
             for i in range(0, len(tensors[0]), size):
                 outs.append(fn(*(t[i:i + size].to(self.device) for t in tensors)))
         return np.concatenate(outs)
@@ -253,63 +251,13 @@ class WorldModel:
         return a
 
     @staticmethod
-    def _run(session: "Session", actions: np.ndarray) -> np.ndarray:
+    def _run(session: Session, actions: np.ndarray) -> np.ndarray:
         out = [session.step(torch.from_numpy(actions[:, h])) for h in range(actions.shape[1])]
         B, (S, _, ch) = actions.shape[0], session.frame_shape
         return np.stack(out, 1) if out else np.zeros((B, 0, S, S, ch), np.uint8)
 
-    def play_session(self, context: np.ndarray, context_keys=None, steps: int | None = None, seed=None) -> "Session":
+    def play_session(self, context: np.ndarray, context_keys=None, steps: int | None = None, seed=None) -> Session:
         """The incremental form of `play` that the server steps one frame at a time: with Procgen actions
         (B,) where `play_kind` is 'real', else with latent actions."""
         return Session(self, context, steps=self.play_steps(steps), seed=seed, dynamics=self.play_dynamics,
                        context_actions=context_keys if self.play_kind == "real" else None)
-
-
-class Session:
-    """An ongoing rollout: context frames in, then one generated frame per `step(action)`.
-
-    dynamics: the model to drive (default the one `generate` uses); context_actions (B, C-1) of its kind, else
-    inferred by the LAM (latent) or unknown (real)."""
-
-    def __init__(self, wm: WorldModel, context: np.ndarray, steps=None, temperature=None, seed=None, dynamics=None,
-                 context_actions=None):
-        if steps is not None and steps < 1:  # the one check: eval, play, dream and bench all step a Session
-            raise UserError(f"MaskGIT steps (--maskgit-steps) must be at least 1, got {steps}")
-        self.wm, self.steps, self.temperature = wm, steps, temperature
-        self.dyn = dyn = dynamics or wm.dynamics
-        self.generator = torch.Generator(wm.device)
-        self.generator.manual_seed(0 if seed is None else int(seed))
-        ctx = torch.from_numpy(np.require(context, requirements=["C", "W"])).to(wm.device)  # (B, C, H, W, 3)
-        tok = wm.tokenizer
-        with torch.no_grad(), wm._autocast():
-            codes = tok.encode(ctx)                                                # (B, C, N, G)
-            B, C = codes.shape[:2]
-            if context_actions is not None:
-                between = torch.as_tensor(np.asarray(context_actions), dtype=torch.long, device=wm.device)
-            elif dyn.real:
-                between = torch.full((B, C - 1), dyn.A, dtype=torch.long, device=wm.device)  # unknown
-            else:
-                between = wm.lam.infer(ctx) if C > 1 else codes.new_zeros(B, 0)  # (B, C-1)
-            first = torch.full((B, 1), dyn.A, dtype=torch.long, device=wm.device)
-            self.state = dyn.start(codes, torch.cat([first, between], 1))
-            self.dec_caches = tok.decoder.new_caches(tok.cfg.seq_len - 1)
-            pos = torch.arange(C, device=wm.device)
-            tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)    # fill the decoder's cache
-        self.t, self.frame_shape = C, tuple(context.shape[2:])
-
-    @property
-    def num_actions(self) -> int:
-        """How many actions `step` takes: the latent count, or Procgen's 15 for a model on real actions."""
-        return self.dyn.A
-
-    @torch.no_grad()
-    def step(self, action_B: torch.Tensor) -> np.ndarray:
-        """Take actions (B,) -> the next frames, uint8 (B, H, W, 3)."""
-        wm = self.wm
-        with wm._autocast():
-            codes = self.dyn.step(self.state, action_B.to(wm.device), steps=self.steps,
-                                  temperature=self.temperature, generator=self.generator)
-            pos = torch.tensor([self.t], device=wm.device)
-            frame = wm.tokenizer.decode(codes[:, None], caches=self.dec_caches, pos=pos, commit=True)[:, 0]
-        self.t += 1
-        return _to_uint8(frame)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from procgenie.bench import loader_frames_per_s
-from procgenie.data.store import SPLIT_RULE, Dataset, _save_npz, write_manifest
+from procgenie.data.shards import _save_npz
+from procgenie.data.store import SPLIT_RULE, Dataset, write_manifest
 
 root = Path(sys.argv[1])
 total = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000_000

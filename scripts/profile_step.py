@@ -8,7 +8,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from procgenie.bench import _sync, prepare, training_setup
+from procgenie.bench import prepare, training_setup
+from procgenie.timing import sync as _sync
 from procgenie.train import set_act_ckpt, train_step
 
 preset, stage = sys.argv[1], sys.argv[2]

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from procgenie.bench import matmul_flops_per_s, prepare, time_training
+from procgenie.bench import prepare, time_training
+from procgenie.timing import matmul_flops_per_s
 
 preset, stage = sys.argv[1], sys.argv[2]
 stages, dev = prepare(preset, sys.argv[3:])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procgenie.data import store
+from procgenie.data import shards, store
 
 
 def write_synthetic(root: Path, lengths: list[int], seeds: list[int] | None = None, size: int = 64) -> Path:
@@ -35,7 +35,7 @@ def write_synthetic(root: Path, lengths: list[int], seeds: list[int] | None = No
                 "collect": {"policy": "synthetic", "seed": 0}, "shards": []}
     for split, eps in by_split.items():
         for k in range(0, len(eps), 3):  # three episodes a shard: clips must not cross shards either
-            manifest["shards"].append(store.write_shard(root, f"{split}-s000-w00-{k:05d}", split, eps[k:k + 3]))
+            manifest["shards"].append(shards.write_shard(root, f"{split}-s000-w00-{k:05d}", split, eps[k:k + 3]))
     store.write_manifest(root, manifest)
     return root
 

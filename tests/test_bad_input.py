@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from procgenie import checkpoint as ckpt
 from procgenie.cli import main
-from procgenie.data import store
+from procgenie.data import shards, store
 from procgenie.errors import UserError
 
 
@@ -357,7 +357,7 @@ def test_a_full_disk_while_collecting_loses_nothing_recorded(capsys, monkeypatch
     out = tmp_path / "d"
     args = ["collect", "--out", str(out), "--episodes", "24", "--max-steps", "40", "--shard-frames", "100",
             "--envs", "4"]
-    real, count = store._save_npz, [0]
+    real, count = shards._save_npz, [0]
 
     def save_npz(tmp, arrays):
         count[0] += 1
@@ -365,7 +365,7 @@ def test_a_full_disk_while_collecting_loses_nothing_recorded(capsys, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device", tmp)
         real(tmp, arrays)
     with monkeypatch.context() as m:
-        m.setattr(store, "_save_npz", save_npz)
+        m.setattr(shards, "_save_npz", save_npz)
         capsys.readouterr()
         code = main(args)
     last = capsys.readouterr().err.strip().splitlines()[-1]

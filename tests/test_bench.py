@@ -83,10 +83,11 @@ def test_set_overrides_change_the_timed_training_and_are_recorded(tiny_run):
 def test_flops_are_the_models_whatever_the_batch_and_without_checkpoint_recompute(stage):
     """The FLOP count is taken on a slice and scaled, and activation checkpointing's second forward is not in it."""
     from procgenie import config as C
+    from procgenie.overrides import apply_overrides
     counts = {}
     for batch, ckpt in ((2, False), (4, False), (4, True)):
         stages = C.preset("tiny")
-        C.apply_overrides(stages, [f"batch_size={batch}", f"act_ckpt={ckpt}"], C.STAGES)
+        apply_overrides(stages, [f"batch_size={batch}", f"act_ckpt={ckpt}"], C.STAGES)
         counts[batch, ckpt] = B.time_training(stage, stages, torch.device("cpu"), 0.01)["flops_per_step"]
     assert counts[4, False] == 2 * counts[2, False] > 0
     assert counts[4, True] == counts[4, False]

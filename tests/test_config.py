@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from procgenie import config as C
+from procgenie import overrides as O
 from procgenie.errors import UserError
 
 
@@ -12,7 +13,7 @@ from procgenie.errors import UserError
 def test_presets_validate_and_round_trip(name):
     stages = C.preset(name)
     for sc in stages.values():
-        C.validate(sc)
+        O.validate(sc)
         assert C.from_dict(C.to_dict(sc)) == sc
 
 
@@ -26,7 +27,7 @@ def test_seed_preset_matches_the_original_config():
 
 def test_overrides_reach_model_and_train_fields():
     s = C.preset("cpu")
-    C.apply_overrides(s, ["width=128", "train.lr=3e-4", "precision=fp32", "fsq_levels=8,8,8"], ("tokenizer",))
+    O.apply_overrides(s, ["width=128", "train.lr=3e-4", "precision=fp32", "fsq_levels=8,8,8"], ("tokenizer",))
     assert s["tokenizer"].model.width == 128 and s["tokenizer"].train.lr == 3e-4
     assert s["tokenizer"].train.precision == "fp32" and s["tokenizer"].model.fsq_levels == (8, 8, 8)
     assert s["lam"].model.width == C.preset("cpu")["lam"].model.width  # other stages untouched
@@ -34,7 +35,7 @@ def test_overrides_reach_model_and_train_fields():
 
 def test_stage_prefixed_keys_pick_one_stage_under_all():
     s = C.preset("cpu")
-    C.apply_overrides(s, ["dynamics.depth=2", "lam.train.steps=7", "steps=9"], C.STAGES)
+    O.apply_overrides(s, ["dynamics.depth=2", "lam.train.steps=7", "steps=9"], C.STAGES)
     assert s["dynamics"].model.depth == 2 and s["tokenizer"].model.enc_depth == 4
     assert s["lam"].train.steps == 9  # later plain key applies to every stage
     assert s["tokenizer"].train.steps == 9
@@ -52,7 +53,7 @@ def test_stage_prefixed_keys_pick_one_stage_under_all():
 ])
 def test_bad_overrides_are_one_line_errors(item, words):
     with pytest.raises(UserError) as e:
-        C.apply_overrides(C.preset("cpu"), [item], ("tokenizer",))
+        O.apply_overrides(C.preset("cpu"), [item], ("tokenizer",))
     assert words in str(e.value) and "\n" not in str(e.value)
 
 

@@ -150,7 +150,7 @@ def test_generation_predicts_what_the_teacher_forced_training_pass_predicts(deco
         expected = dyn._pick(dyn.teacher_forced_logits(codes, acts, mask)[:, C - 1:].float(), decode, 0.0, None)[0]
     assert torch.equal(codes[:, C:], expected)
     dyn.step(state, acts[:, 0], steps=1)             # past the window, the clean past stays seq_len - 1 frames
-    assert [c.k.shape[2] for c in state["caches"]] == [T - 1, T - 1]
+    assert [c.k.shape[2] for c in state.caches] == [T - 1, T - 1]
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "lam", "dynamics"])

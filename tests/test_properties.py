@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from procgenie import config as C
 from procgenie.errors import UserError
+from procgenie.overrides import apply_overrides
 from procgenie.play.protocol import MAX_MESSAGE, MESSAGES, BadMessage, parse
 
 FEW = settings(max_examples=200, deadline=None)
@@ -30,7 +31,7 @@ VALUES = st.one_of(
     st.text(max_size=30), st.text(st.characters(blacklist_categories=()), max_size=10))
 KEYS = st.one_of(st.builds(lambda p, f: p + f, st.sampled_from(PREFIXES), st.sampled_from(FIELDS)),
                  st.text(max_size=20), st.sampled_from(["", "tokenizer", "lam.model", "train", "model.train.lr"]))
-TYPES = {f.name: C._field_types(cls)[f.name] for cls in (*C.MODEL_CONFIGS.values(), C.TrainConfig)
+TYPES = {f.name: C.field_types(cls)[f.name] for cls in (*C.MODEL_CONFIGS.values(), C.TrainConfig)
          for f in dataclasses.fields(cls)}
 
 
@@ -65,7 +66,7 @@ def _typed(value, typ) -> bool:
 
 def _assert_well_typed(sc: C.StageConfig) -> None:
     for obj in (sc.model, sc.train):
-        for name, typ in C._field_types(type(obj)).items():
+        for name, typ in C.field_types(type(obj)).items():
             assert _typed(getattr(obj, name), typ), (sc.stage, name, getattr(obj, name))
 
 
@@ -75,7 +76,7 @@ def _assert_well_typed(sc: C.StageConfig) -> None:
 def test_any_override_is_applied_typed_or_refused_in_one_line(items, only):
     stages = C.preset("tiny")
     try:
-        C.apply_overrides(stages, items, only)
+        apply_overrides(stages, items, only)
     except UserError as e:
         assert str(e) and "\n" not in str(e) and "\r" not in str(e), str(e)
         event("refused")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from procgenie.atomic import exclusive, remove_stale_tmp
 from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
+from procgenie.data.shards import write_shard
 from procgenie.errors import Stopped, UserError
 from procgenie.stopping import StopSignals
 from procgenie.vocab import NUM_ACTIONS, PROCGEN_GAMES, make_env
@@ -77,7 +78,7 @@ def _worker(args: dict, worker: int, session: int, quota: int, send, stop: StopS
         for sp in (store.SPLITS if done == quota else splits):
             if pending[sp]:
                 name = f"{sp}-s{session:03d}-w{worker:02d}-{shards:05d}"
-                writes.append(writer.submit(store.write_shard, root, name, sp, pending[sp]))
+                writes.append(writer.submit(write_shard, root, name, sp, pending[sp]))
                 pending[sp], shards = [], shards + 1
         while writes and (writes[0].done() or done == quota or wait):
             send(("shard", writes.pop(0).result()))  # in order, so the manifest grows in order

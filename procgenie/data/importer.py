@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from procgenie.atomic import exclusive, remove_stale_tmp
 from procgenie.data import store
+from procgenie.data.shards import write_shard
 from procgenie.errors import UserError
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
@@ -164,7 +165,7 @@ def import_videos(sources: list[str], out: str, fps: float | None = None, size: 
             nonlocal shards
             if pending[split]:
                 name_ = f"{split}-s{session:03d}-w00-{shards:05d}"
-                record = store.write_shard(root, name_, split, [e for _, eps in pending[split] for e in eps])
+                record = write_shard(root, name_, split, [e for _, eps in pending[split] for e in eps])
                 record["sources"] = [i for i, _ in pending[split]]
                 manifest["shards"].append(record)
                 store.write_manifest(root, manifest)

@@ -79,8 +79,8 @@ def _prefetch(ds: Dataset, where: list[tuple[int, int]], T: int) -> None:
     """Ask the kernel to read all of a batch's clips at once.
 
     A dataset larger than memory is read from disk at random: copied one after another, a batch's
-    clips each wait a full disk round trip (measured: ~6 ms each on a cloud disk). Announced together
-    (POSIX_FADV_WILLNEED), their reads overlap. Where the frames are in the page cache it costs ~µs.
+    clips each wait a full disk round trip. Announced together (POSIX_FADV_WILLNEED), their reads
+    overlap. Where the frames are already in the page cache the call costs next to nothing.
     """
     if not hasattr(os, "posix_fadvise"):  # not on macOS or Windows: plain reads
         return

@@ -33,7 +33,7 @@ class Policy:
 
 
 class RandomPolicy(Policy):
-    """Uniform over all 15 actions, every step (Genie's data)."""
+    """Uniform over all of Procgen's actions, every step (Genie's data)."""
 
     def act(self) -> np.ndarray:
         return self.rng.integers(0, NUM_ACTIONS, self.n)

@@ -56,10 +56,9 @@ def attend(q, k, v, mask=None, causal=False):
     """softmax(q k^T / sqrt(K)) v over (..., L, K) with an optional bool mask (True = may attend).
 
     Long sequences go to scaled_dot_product_attention (flash kernels). Short ones, the many tiny
-    sequences of an ST-transformer (64 positions, or 16 frames), run as plain matmuls on CPUs, 3-7x
-    faster there, forward and backward (measured, bf16, 2-core CPU), and under torch.compile on GPUs,
-    which fuses the mask and softmax (genie dynamics step on an H200: 398 -> 382 ms). Eager GPU code
-    keeps the single SDPA kernel.
+    sequences of an ST-transformer (64 positions, or 16 frames), run as plain matmuls on CPUs, where
+    they are several times faster forward and backward, and under torch.compile on GPUs, which fuses
+    the mask and softmax (docs/benchmarks.md). Eager GPU code keeps the single SDPA kernel.
     """
     Lq, Lk = q.shape[-2], k.shape[-2]
     if Lq * Lk > 128 * 128 or (q.is_cuda and not torch.compiler.is_compiling()):

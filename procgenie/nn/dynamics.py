@@ -18,7 +18,7 @@ the new masked frame as in training's two streams: one transformer pass fewer pe
 past then holds seq_len-1 frames at most, as in training.
 
 Letters: B batch, T frames, N positions per frame, G codes per position, V codebook size, D width,
-A actions (latent, or Procgen's 15).
+A actions (latent, or Procgen's vocab.NUM_ACTIONS).
 """
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ class Frozen:
 
     tokenizer: nn.Module
     lam: nn.Module
+
+
+@dataclass
+class Rollout:
+    """Where a generation stands: the key/value caches, the next frame's time index, and the last generated
+    frame (codes, action), which joins the caches in the next step's first round."""
+
+    caches: list
+    t: int
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Dynamics(StageModel):
@@ -117,15 +127,18 @@ class Dynamics(StageModel):
         rate = torch.empty(B, T - 1, 1, 1, device=codes.device).uniform_(self.cfg.mask_min, self.cfg.mask_max)
         mask = torch.rand(B, T - 1, self.N, self.G, device=codes.device) < rate
         logits, target = self.teacher_forced_logits(codes, actions, mask), codes[:, 1:]
-        if torch.compiler.is_compiling():
+        weight = mask.float()
+        if self.cfg.changed_weight != 1.0:  # the codes that change are where an action shows
+            weight = weight * torch.where(target != codes[:, :-1], self.cfg.changed_weight, 1.0)
+        if torch.compiler.is_compiling() or self.cfg.changed_weight != 1.0:
             # Fixed shapes keep the compiled graph whole (indexing by the mask breaks it and waits for the GPU);
             # the compiler fuses the float32 upcast into the loss.
-            w = mask.flatten().float()
+            w = weight.flatten()
             ce = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="none")
             ce = (ce * w).sum() / w.sum()
-            acc = ((logits.argmax(-1) == target).flatten().float() * w).sum() / w.sum()
+            acc = ((logits.argmax(-1) == target).flatten().float() * mask.flatten()).sum() / mask.sum()
         else:
-            # Only the masked codes' logits (M, V) go to float32: a float copy of all of them cost 5 to 10% of the step.
+            # Only the masked codes' logits (M, V) go to float32: a float copy of all of them costs time.
             logits, target = logits[mask].float(), target[mask]             # (M, V), (M,)
             ce = F.cross_entropy(logits, target)
             acc = (logits.argmax(-1) == target).float().mean()
@@ -144,24 +157,23 @@ class Dynamics(StageModel):
         return self._logits(h[:, T - 1:])
 
     # -- generation -----------------------------------------------------------------------------
-    def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor) -> dict:
+    def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor) -> Rollout:
         """Fill a key/value cache with context frames (B, C, N, G) and the actions that led to them (B, C)."""
         caches = self.transformer.new_caches(self.cfg.seq_len - 1)
         C, dev = codes_BCNG.shape[1], codes_BCNG.device
         self.transformer(self._embed(codes_BCNG, actions_BC, False), tmask=window_mask(C, self.cfg.seq_len - 1, dev),
                          pos=torch.arange(C, device=dev), caches=caches, commit=True)
-        return {"caches": caches, "t": C}
+        return Rollout(caches, C)
 
     @torch.no_grad()
-    def step(self, state: dict, action_B: torch.Tensor, steps: int | None = None, temperature: float | None = None,
+    def step(self, state: Rollout, action_B: torch.Tensor, steps: int | None = None, temperature: float | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Generate the next frame's codes (B, N, G) after taking latent action `action_B`. The frame enters the
         key/value cache in the next call's first round."""
         steps = steps or self.cfg.maskgit_steps
         decode = self.cfg.decode if temperature is None else "sample"  # a temperature asked for means sampling
         temperature = self.cfg.temperature if temperature is None else temperature
-        B, dev, t, caches = action_B.shape[0], action_B.device, state["t"], state["caches"]
-        pending = state.pop("pending", None)  # the last generated frame (codes, action), not yet cached
+        B, dev, t, caches, pending = action_B.shape[0], action_B.device, state.t, state.caches, state.pending
         codes = torch.full((B, 1, self.N, self.G), self.mask_id, dtype=torch.long, device=dev)
         total = self.N * self.G
         for k in range(steps):
@@ -188,7 +200,7 @@ class Dynamics(StageModel):
             chosen = torch.zeros(B, total, dtype=torch.bool, device=dev)
             chosen.scatter_(1, order[:, :keep], True)
             codes = torch.where(chosen.reshape(B, 1, self.N, self.G), sample[:, None], self.mask_id)
-        state["pending"], state["t"] = (codes, action_B), t + 1
+        state.pending, state.t = (codes, action_B), t + 1
         return codes[:, 0]
 
     def _pick(self, logits_BNGV: torch.Tensor, decode: str, temperature: float, generator):

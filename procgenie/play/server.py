@@ -1,5 +1,5 @@
 """`procgenie play`: the web server. One world model serves every connection; each connection gets its
-own rollout (`world.Session`) and its own real Procgen level, fed the same actions, shown side by side.
+own rollout (`session.Session`) and its own real Procgen level, fed the same actions, shown side by side.
 
 Protocol, over the websocket at /ws (the page is /, the live session count is /stats):
   client -> server, JSON text of at most MAX_MESSAGE bytes, fields optional, unknown fields refused:
