@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name):  # lazy: `import procgenie` stays cheap for the command line
     if name == "WorldModel":
         from procgenie.world import WorldModel
+
         return WorldModel
     raise AttributeError(name)
 

@@ -70,8 +70,9 @@ def exclusive(folder: str | os.PathLike, doing: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another process is {doing}: wait for it to finish, or stop it (a rerun resumes "
-                            "where it stopped)") from None
+            raise UserError(
+                f"another process is {doing}: wait for it to finish, or stop it (a rerun resumes where it stopped)"
+            ) from None
         _HELD.add(fd)
         yield
     finally:
@@ -83,6 +84,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
+
     write_atomic(path, write)
 
 

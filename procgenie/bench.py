@@ -49,6 +49,7 @@ def _say(msg: str) -> None:
 
 # -- training ------------------------------------------------------------------------------------
 
+
 def _models(stage: str, stages: dict[str, C.StageConfig], device) -> torch.nn.Module:
     """A fresh model of `stage`; the dynamics model gets a fresh frozen tokenizer and LAM, as in training."""
     if stage != "dynamics":
@@ -69,8 +70,10 @@ def training_setup(stage: str, stages: dict[str, C.StageConfig], device) -> tupl
     opt = make_optimizer(model, t, device)
     B, T = t.batch_size, sc.model.seq_len
     gen = torch.Generator().manual_seed(0)
-    batch = {"frames": torch.randint(0, 256, (B, T, size, size, 3), dtype=torch.uint8, generator=gen),  # (B,T,H,W,C)
-             "actions": torch.randint(0, NUM_ACTIONS, (B, T - 1), generator=gen)}                          # (B, T-1)
+    batch = {
+        "frames": torch.randint(0, 256, (B, T, size, size, 3), dtype=torch.uint8, generator=gen),  # (B,T,H,W,C)
+        "actions": torch.randint(0, NUM_ACTIONS, (B, T - 1), generator=gen),
+    }  # (B, T-1)
     if device.type == "cuda":  # as the training loader hands them over
         batch = {k: v.pin_memory() for k, v in batch.items()}
     return model, opt, batch
@@ -97,7 +100,7 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
     B, T = batch["frames"].shape[:2]
     # The model's FLOPs, counted on one clip per micro-batch and scaled (they grow linearly with the batch),
     # without activation checkpointing (its recomputed forward is extra work, not the model's).
-    few = {k: v[:t.grad_accum] for k, v in batch.items()}
+    few = {k: v[: t.grad_accum] for k, v in batch.items()}
     with FlopCounterMode(display=False) as counter:
         train_step(model, model, opt, few, t, device)
     flops = counter.get_total_flops() * B // t.grad_accum
@@ -109,15 +112,23 @@ def time_training(stage: str, stages: dict[str, C.StageConfig], device, seconds:
     train_step(net, model, opt, batch, t, device)
     times = time_calls(lambda: train_step(net, model, opt, batch, t, device), device, seconds, 3)
     step_s = sum(times) / len(times)
-    return {"frames_per_s": B * T / step_s, "step_ms": 1000 * step_s, "flops_per_step": flops,
-            "flops_per_s": flops / step_s, "batch_size": B, "seq_len": T}
+    return {
+        "frames_per_s": B * T / step_s,
+        "step_ms": 1000 * step_s,
+        "flops_per_step": flops,
+        "flops_per_s": flops / step_s,
+        "batch_size": B,
+        "seq_len": T,
+    }
 
 
 # -- play ----------------------------------------------------------------------------------------
 
+
 def load_world(checkpoint: str | None, device, precision: str = "auto"):
     """The world model to time play on, or (None, why) when there is none to time."""
     from procgenie.world import WorldModel
+
     try:
         return WorldModel.from_pretrained(checkpoint, device=device, precision=precision), None
     except UserError as e:
@@ -129,6 +140,7 @@ def load_world(checkpoint: str | None, device, precision: str = "auto"):
 def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
     """Frames/s and latency percentiles of Session.step, batch 1, once the caches are full."""
     from procgenie.dream import context_length
+
     steps = wm.play_steps(maskgit_steps)
     wm.fast_weights()  # as play runs it
     size = wm.image_size
@@ -144,16 +156,27 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
         one_frame()
     times = time_calls(one_frame, wm.device, seconds, 10)
     ms = 1000 * np.array(times)
-    return {"play_fps": len(times) / sum(times), "play_latency_ms_p50": float(np.percentile(ms, 50)),
-            "play_latency_ms_p95": float(np.percentile(ms, 95)), "play_maskgit_steps": steps,
-            "play_frames_timed": len(times)}
+    return {
+        "play_fps": len(times) / sum(times),
+        "play_latency_ms_p50": float(np.percentile(ms, 50)),
+        "play_latency_ms_p95": float(np.percentile(ms, 95)),
+        "play_maskgit_steps": steps,
+        "play_frames_timed": len(times),
+    }
 
 
 # -- the command ---------------------------------------------------------------------------------
 
-def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: float = 10.0,
-          maskgit_steps: int | None = None, preset: str = "cpu", precision: str = "auto",
-          overrides: list[str] | None = None) -> dict:
+
+def bench(
+    checkpoint: str | None = None,
+    json_path: str | None = None,
+    seconds: float = 10.0,
+    maskgit_steps: int | None = None,
+    preset: str = "cpu",
+    precision: str = "auto",
+    overrides: list[str] | None = None,
+) -> dict:
     """Measure, print a table, and write SPEC's JSON (plus extra keys) to `json_path` if given.
 
     `precision` ('auto', 'bf16' or 'fp32'; auto: bf16 only where this device computes it faster) applies to
@@ -176,8 +199,10 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
     train = {}
     for stage in C.STAGES:
         t = stages[stage].train
-        _say(f"timing {stage} training ({preset} preset: {t.batch_size} clips x "
-             f"{stages[stage].model.seq_len} frames) for {seconds:g} s ...")
+        _say(
+            f"timing {stage} training ({preset} preset: {t.batch_size} clips x "
+            f"{stages[stage].model.seq_len} frames) for {seconds:g} s ..."
+        )
         train[stage] = time_training(stage, stages, device, seconds)
     play = {"play_fps": None, "play_latency_ms_p50": None, "play_latency_ms_p95": None}
     if wm is not None:
@@ -190,11 +215,17 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
         "matmul_peak_share": train["dynamics"]["flops_per_s"] / peak,
         **{k: play[k] for k in ("play_fps", "play_latency_ms_p50", "play_latency_ms_p95")},
         # Beyond the SPEC's schema: what the figures above were measured with, and per-stage detail.
-        "preset": preset, "overrides": list(overrides or []), "precision": "bf16" if bf16 else "fp32",
+        "preset": preset,
+        "overrides": list(overrides or []),
+        "precision": "bf16" if bf16 else "fp32",
         "precision_asked": precision,
         "seconds": seconds,
-        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_average_at_start": load,
-        "torch": torch.__version__, "matmul_flops_per_s": peak, "matmul_size": n,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "load_average_at_start": load,
+        "torch": torch.__version__,
+        "matmul_flops_per_s": peak,
+        "matmul_size": n,
         "train_peak_share": {s: train[s]["flops_per_s"] / peak for s in C.STAGES},
         "train": train,
         "play_checkpoint": None if wm is None else str(wm.run_dir),
@@ -212,41 +243,59 @@ def bench(checkpoint: str | None = None, json_path: str | None = None, seconds: 
 def table(r: dict) -> str:
     """The results as a few readable lines."""
     sets = "".join(f", {o}" for o in r.get("overrides", []))
-    lines = [f"device     {r['device']}  (torch {r['torch']}, {r['precision']}, {r['preset']} preset{sets})",
-             f"matmul     {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s ({r['matmul_size']}^2 {r['precision']} product)",
-             *([f"note       the machine was busy (load average {r['load_average_at_start']:.1f} on {r['cores']} "
-                "cores): expect lower figures than on an idle one"]
-               if (r.get("load_average_at_start") or 0) >= 1 else []),
-             "",
-             f"{'training':<10} {'frames/s':>10} {'step ms':>9} {'batch':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} "
-             f"{'peak share':>10}"]
+    lines = [
+        f"device     {r['device']}  (torch {r['torch']}, {r['precision']}, {r['preset']} preset{sets})",
+        f"matmul     {r['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s ({r['matmul_size']}^2 {r['precision']} product)",
+        *(
+            [
+                f"note       the machine was busy (load average {r['load_average_at_start']:.1f} on {r['cores']} "
+                "cores): expect lower figures than on an idle one"
+            ]
+            if (r.get("load_average_at_start") or 0) >= 1
+            else []
+        ),
+        "",
+        f"{'training':<10} {'frames/s':>10} {'step ms':>9} {'batch':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} "
+        f"{'peak share':>10}",
+    ]
     for s, v in r["train"].items():
-        lines.append(f"{s:<10} {v['frames_per_s']:>10,.1f} {v['step_ms']:>9,.1f} "
-                     f"{v['batch_size']:>3} x {v['seq_len']:<2} {v['flops_per_step'] / 1e9:>11,.2f} "
-                     f"{v['flops_per_s'] / 1e9:>9,.1f} {r['train_peak_share'][s]:>10.1%}")
+        lines.append(
+            f"{s:<10} {v['frames_per_s']:>10,.1f} {v['step_ms']:>9,.1f} "
+            f"{v['batch_size']:>3} x {v['seq_len']:<2} {v['flops_per_step'] / 1e9:>11,.2f} "
+            f"{v['flops_per_s'] / 1e9:>9,.1f} {r['train_peak_share'][s]:>10.1%}"
+        )
     lines.append("")
     if r["play_fps"] is None:
         lines.append(f"play       {r.get('play_note', 'not measured')}")
     else:
-        lines.append(f"play       {r['play_fps']:,.1f} frames/s, latency p50 {r['play_latency_ms_p50']:,.1f} ms, "
-                     f"p95 {r['play_latency_ms_p95']:,.1f} ms ({r['play_maskgit_steps']} MaskGIT steps, batch 1, "
-                     f"{r['play_checkpoint']})")
+        lines.append(
+            f"play       {r['play_fps']:,.1f} frames/s, latency p50 {r['play_latency_ms_p50']:,.1f} ms, "
+            f"p95 {r['play_latency_ms_p95']:,.1f} ms ({r['play_maskgit_steps']} MaskGIT steps, batch 1, "
+            f"{r['play_checkpoint']})"
+        )
     return "\n".join(lines)
 
 
 # -- the loader ----------------------------------------------------------------------------------
 
-def loader_frames_per_s(data: str, batch_size: int = 8, seq_len: int = 16, seconds: float = 10.0,
-                        workers: int = 0) -> dict:
+
+def loader_frames_per_s(
+    data: str, batch_size: int = 8, seq_len: int = 16, seconds: float = 10.0, workers: int = 0
+) -> dict:
     """Training frames/s that the clip loader serves from dataset `data` (random clips, as in training)."""
     from procgenie.data.loader import ClipSampler, batches
     from procgenie.data.store import Dataset
+
     sampler = ClipSampler(Dataset(data, verify=False), "train", seq_len, batch_size, seed=0)
     count, start = 0, time.perf_counter()
-    for b in batches(sampler, 0, 10 ** 9, workers=workers):
+    for b in batches(sampler, 0, 10**9, workers=workers):
         count += 1
         if time.perf_counter() - start > seconds:
             break
     elapsed = time.perf_counter() - start
-    return {"batches_per_s": count / elapsed, "frames_per_s": count * batch_size * seq_len / elapsed,
-            "batch_ms": 1000 * elapsed / count, "frames": int(sampler.eps["length"].sum())}
+    return {
+        "batches_per_s": count / elapsed,
+        "frames_per_s": count * batch_size * seq_len / elapsed,
+        "batch_ms": 1000 * elapsed / count,
+        "frames": int(sampler.eps["length"].sum()),
+    }

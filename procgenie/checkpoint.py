@@ -28,8 +28,10 @@ def resolve_run(run: str | Path | None) -> Path:
     """A run folder, or the bundled pretrained world model when `run` is None."""
     if run is None:
         if not (PRETRAINED / "dynamics" / "model.safetensors").exists():
-            raise UserError("no bundled pretrained model in this install: pass --checkpoint RUN "
-                            "(train one with `procgenie train all --data DIR --run RUN`)")
+            raise UserError(
+                "no bundled pretrained model in this install: pass --checkpoint RUN "
+                "(train one with `procgenie train all --data DIR --run RUN`)"
+            )
         return PRETRAINED
     path = Path(run)
     if not path.is_dir():
@@ -42,8 +44,10 @@ def _guard_disk(fn, what: Path):
         fn()
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"disk full while writing {what}; the previous checkpoint is intact: free some "
-                            "space and rerun the same command") from None
+            raise UserError(
+                f"disk full while writing {what}; the previous checkpoint is intact: free some "
+                "space and rerun the same command"
+            ) from None
         raise
 
 
@@ -56,12 +60,16 @@ def read_config(stage_dir: Path, stage: str) -> tuple[C.StageConfig, dict]:
     """The StageConfig and the extra fields (links, data, preset) of `stage_dir/config.json`."""
     path = stage_dir / "config.json"
     if not path.exists():
-        raise UserError(f"{stage_dir} has no trained {stage} (no config.json): train it with "
-                        f"`procgenie train {stage} --data DIR --run {stage_dir.parent}`")
+        raise UserError(
+            f"{stage_dir} has no trained {stage} (no config.json): train it with "
+            f"`procgenie train {stage} --data DIR --run {stage_dir.parent}`"
+        )
     obj = read_json_object(path, "retrain this stage")
     if obj.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} was written by an incompatible procgenie version (format "
-                        f"{obj.get('format_version')}, this version reads {FORMAT_VERSION}): retrain this stage")
+        raise UserError(
+            f"{path} was written by an incompatible procgenie version (format "
+            f"{obj.get('format_version')}, this version reads {FORMAT_VERSION}): retrain this stage"
+        )
     if obj.get("stage") != stage:
         raise UserError(f"{stage_dir} holds a {obj.get('stage')} checkpoint, not a {stage}: check the run folder")
     sc = C.from_dict(obj)
@@ -70,10 +78,16 @@ def read_config(stage_dir: Path, stage: str) -> tuple[C.StageConfig, dict]:
 
 
 def save_weights(path: Path, model: torch.nn.Module, meta: dict, dtype: torch.dtype | None = None) -> None:
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-               for k, v in model.state_dict().items()}
-    _guard_disk(lambda: write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={
-        k: json.dumps(v) for k, v in meta.items()})), path)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    _guard_disk(
+        lambda: write_atomic(
+            path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+        ),
+        path,
+    )
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> dict:
@@ -83,14 +97,17 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict:
     try:
         tensors = load_file(str(path))
         from safetensors import safe_open
+
         with safe_open(str(path), "pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is damaged ({e}): retrain this stage, or restore the file") from None
     own = model.state_dict()
     if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
-        raise UserError(f"{path} does not fit the model its config.json describes: the run folder is "
-                        "inconsistent; retrain this stage")
+        raise UserError(
+            f"{path} does not fit the model its config.json describes: the run folder is "
+            "inconsistent; retrain this stage"
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
     return meta
 
@@ -102,6 +119,7 @@ def fingerprint(path: Path) -> str:
 
 # -- trainer state: model + optimizer + RNG in one file, so they can never disagree --------------
 
+
 def save_state(path: Path, model, optimizer, step: int, extra: dict) -> None:
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
@@ -112,13 +130,15 @@ def save_state(path: Path, model, optimizer, step: int, extra: dict) -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"step": step, "param_groups": opt["param_groups"], **extra}
-    _guard_disk(lambda: write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={
-        "json": json.dumps(meta)})), path)
+    _guard_disk(
+        lambda: write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"json": json.dumps(meta)})), path
+    )
 
 
 def state_meta(path: Path) -> dict:
     """The metadata (step, ...) of a trainer state, from its header: a truncated file is named here, cheaply."""
     from safetensors import safe_open
+
     try:
         with safe_open(str(path), "pt") as f:
             return json.loads(f.metadata()["json"])

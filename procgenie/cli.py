@@ -26,30 +26,48 @@ def _at_least_1(text: str) -> int:
 
 def _precision_arg(parser, what: str, default: str | None = "auto") -> None:
     from procgenie.config import PRECISIONS
-    parser.add_argument("--precision", default=default, choices=PRECISIONS,
-                        help=f"compute precision to {what}: auto picks bf16 only where this device computes it "
-                             f"faster than fp32 (CPUs without bf16 instructions emulate it 100x slower)"
-                             + ("" if default is None else " (default auto)"))
+
+    parser.add_argument(
+        "--precision",
+        default=default,
+        choices=PRECISIONS,
+        help=f"compute precision to {what}: auto picks bf16 only where this device computes it "
+        f"faster than fp32 (CPUs without bf16 instructions emulate it 100x slower)"
+        + ("" if default is None else " (default auto)"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from procgenie.config import PRESETS
     from procgenie.overrides import help_text
-    p = argparse.ArgumentParser(prog="procgenie", description="A Genie-style world model of Procgen CoinRun: "
-                                "collect play, train tokenizer, latent action model and dynamics, evaluate, play.")
+
+    p = argparse.ArgumentParser(
+        prog="procgenie",
+        description="A Genie-style world model of Procgen CoinRun: "
+        "collect play, train tokenizer, latent action model and dynamics, evaluate, play.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("collect", help="play Procgen and write a dataset", description=(
-        "Plays Procgen with vectorised environments and writes frames, real actions, rewards, episode starts "
-        "and level seeds. Levels are split train/val/test by seed, never shared. Rerun the same command "
-        "after a crash to continue."))
+    c = sub.add_parser(
+        "collect",
+        help="play Procgen and write a dataset",
+        description=(
+            "Plays Procgen with vectorised environments and writes frames, real actions, rewards, episode starts "
+            "and level seeds. Levels are split train/val/test by seed, never shared. Rerun the same command "
+            "after a crash to continue."
+        ),
+    )
     c.add_argument("--out", required=True, help="dataset folder")
     c.add_argument("--episodes", type=int, required=True, help="episodes the dataset should hold in total")
     c.add_argument("--env", default="coinrun", help="Procgen game (default coinrun)")
     c.add_argument("--policy", default="random", help="random | sticky | explorer | mixed (default random)")
     c.add_argument("--start-level", type=int, default=0, help="first level seed (default 0)")
-    c.add_argument("--num-levels", type=int, default=10_000,
-                   help="levels in the range (default 10000; 0 draws from all 2^31 levels)")
+    c.add_argument(
+        "--num-levels",
+        type=int,
+        default=10_000,
+        help="levels in the range (default 10000; 0 draws from all 2^31 levels)",
+    )
     c.add_argument("--max-steps", type=int, default=1000, help="cut episodes at this many steps (default 1000)")
     c.add_argument("--seed", type=int, default=0, help="seed of the environments and the policy (default 0)")
     c.add_argument("--workers", type=int, default=1, help="collector processes (default 1)")
@@ -57,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-frames", type=int, default=8192, help="frames per shard file (default 8192)")
     c.set_defaults(fn=commands.collect)
 
-    d = sub.add_parser("data", help="summarise, check or import a dataset",
-                       description="`data info DIR` summarises a dataset; `data validate DIR` checks every "
-                                   "checksum and shape and exits non-zero naming each damaged shard; "
-                                   "`data import SRC... --out DIR` makes a dataset of recordings without actions.")
+    d = sub.add_parser(
+        "data",
+        help="summarise, check or import a dataset",
+        description="`data info DIR` summarises a dataset; `data validate DIR` checks every "
+        "checksum and shape and exits non-zero naming each damaged shard; "
+        "`data import SRC... --out DIR` makes a dataset of recordings without actions.",
+    )
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("info", "summarise a dataset"), ("validate", "check every checksum and shape")):
         a = dsub.add_parser(action, help=text, description=text)
@@ -69,42 +90,76 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--json", action="store_true", help="print JSON")
         a.set_defaults(fn=commands.data)
     from procgenie.data.importer import FITS
-    im = dsub.add_parser("import", help="videos or frame folders -> a dataset without actions", description=(
-        "Decodes videos (MP4, WebM, MKV, MOV), GIFs and folders of frames (PNG, JPEG), resamples them to --fps, "
-        "makes each frame square (--fit) and --size px, and writes the dataset format that `collect` writes, "
-        "with the actions marked absent. Each source file stays in one split (train, val or test, by its index "
-        "in sorted order). Unreadable files are named and skipped. Rerun the same command to continue."))
+
+    im = dsub.add_parser(
+        "import",
+        help="videos or frame folders -> a dataset without actions",
+        description=(
+            "Decodes videos (MP4, WebM, MKV, MOV), GIFs and folders of frames (PNG, JPEG), resamples them to --fps, "
+            "makes each frame square (--fit) and --size px, and writes the dataset format that `collect` writes, "
+            "with the actions marked absent. Each source file stays in one split (train, val or test, by its index "
+            "in sorted order). Unreadable files are named and skipped. Rerun the same command to continue."
+        ),
+    )
     im.add_argument("sources", nargs="+", metavar="SRC", help="video files, GIFs, frame folders, or folders of them")
     im.add_argument("--out", required=True, help="dataset folder")
-    im.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: keep every "
-                    "frame; frame folders are always kept whole)")
+    im.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="resample to this frame rate (default: keep every frame; frame folders are always kept whole)",
+    )
     im.add_argument("--size", type=int, default=64, help="frame size in pixels, square (default 64)")
-    im.add_argument("--fit", default="crop", choices=FITS, help="how a frame becomes square: centre crop, black "
-                    "padding, or squash (default crop)")
-    im.add_argument("--crop", default=None, metavar="X,Y,W,H", help="first cut every frame to this box (source "
-                    "pixels), e.g. to drop a score bar")
-    im.add_argument("--episode-frames", type=int, default=1000, help="cut recordings into episodes of at most "
-                    "this many frames (default 1000)")
-    im.add_argument("--name", default="video", help="the dataset's world name, kept with the models trained on it "
-                    "(default video)")
+    im.add_argument(
+        "--fit",
+        default="crop",
+        choices=FITS,
+        help="how a frame becomes square: centre crop, black padding, or squash (default crop)",
+    )
+    im.add_argument(
+        "--crop",
+        default=None,
+        metavar="X,Y,W,H",
+        help="first cut every frame to this box (source pixels), e.g. to drop a score bar",
+    )
+    im.add_argument(
+        "--episode-frames",
+        type=int,
+        default=1000,
+        help="cut recordings into episodes of at most this many frames (default 1000)",
+    )
+    im.add_argument(
+        "--name", default="video", help="the dataset's world name, kept with the models trained on it (default video)"
+    )
     im.set_defaults(fn=commands.import_)
 
-    t = sub.add_parser("train", help="train a stage, or all three in order", formatter_class=RAW,
-                       description="Trains the tokenizer, the latent action model, the dynamics model, or all "
-                                   "three in order. Rerunning the same command resumes from the last checkpoint.",
-                       epilog=help_text(("tokenizer", "lam", "dynamics")))
+    t = sub.add_parser(
+        "train",
+        help="train a stage, or all three in order",
+        formatter_class=RAW,
+        description="Trains the tokenizer, the latent action model, the dynamics model, or all "
+        "three in order. Rerunning the same command resumes from the last checkpoint.",
+        epilog=help_text(("tokenizer", "lam", "dynamics")),
+    )
     t.add_argument("stage", choices=["tokenizer", "lam", "dynamics", "all"])
     t.add_argument("--data", required=True, help="dataset folder (from `procgenie collect`)")
     t.add_argument("--run", required=True, help="run folder: RUN/tokenizer, RUN/lam, RUN/dynamics")
-    t.add_argument("--preset", default=None, choices=PRESETS,
-                   help="tiny | cpu | seed | genie (default cpu, or the run's own on resume)")
+    t.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESETS,
+        help="tiny | cpu | seed | genie (default cpu, or the run's own on resume)",
+    )
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
     t.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", help="override config fields (see below)")
     _precision_arg(t, "train (saved in the run's config; default: the preset's, auto)", default=None)
     t.set_defaults(fn=commands.train)
 
-    e = sub.add_parser("eval", help="evaluate a world model on the test split",
-                       description="Writes metrics.json, pictures, plots, a GIF and report.html into --out.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a world model on the test split",
+        description="Writes metrics.json, pictures, plots, a GIF and report.html into --out.",
+    )
     e.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
     e.add_argument("--data", required=True, help="dataset folder; its test split is used")
     e.add_argument("--out", required=True, help="folder for the report")
@@ -116,51 +171,87 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_arg(e, "evaluate")
     e.set_defaults(fn=commands.eval)
 
-    pl = sub.add_parser("play", help="play the learned world in a browser",
-                        description="Serves a page on which you play the learned world with the keyboard.")
+    pl = sub.add_parser(
+        "play",
+        help="play the learned world in a browser",
+        description="Serves a page on which you play the learned world with the keyboard.",
+    )
     pl.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
     pl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pl.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    pl.add_argument("--maskgit-steps", type=_at_least_1, default=None,
-                    help="MaskGIT steps per frame (default: the smaller of 4 and the model's own)")
+    pl.add_argument(
+        "--maskgit-steps",
+        type=_at_least_1,
+        default=None,
+        help="MaskGIT steps per frame (default: the smaller of 4 and the model's own)",
+    )
     pl.add_argument("--start-level", type=int, default=None, help="first level seed (default: random test level)")
-    pl.add_argument("--data", default=None, help="a world learned from recordings: the dataset to start from "
-                    "(default: the one it was trained on)")
+    pl.add_argument(
+        "--data",
+        default=None,
+        help="a world learned from recordings: the dataset to start from (default: the one it was trained on)",
+    )
     pl.add_argument("--fps", type=float, default=15.0, help="target frames per second of each player (default 15)")
     pl.add_argument("--max-players", type=int, default=4, help="connections served at once (default 4)")
     _precision_arg(pl, "play")
     pl.set_defaults(fn=commands.play)
 
     from procgenie.dream import ACTIONS_HELP
-    dr = sub.add_parser("dream", help="render a rollout of the learned world to GIF or MP4", formatter_class=RAW,
-                        description="Starts from a real Procgen level and lets the world model dream on.",
-                        epilog=ACTIONS_HELP)
+
+    dr = sub.add_parser(
+        "dream",
+        help="render a rollout of the learned world to GIF or MP4",
+        formatter_class=RAW,
+        description="Starts from a real Procgen level and lets the world model dream on.",
+        epilog=ACTIONS_HELP,
+    )
     dr.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
     dr.add_argument("--out", required=True, help="FILE.gif or FILE.mp4")
-    dr.add_argument("--actions", default=None, help="actions, e.g. 'right*10,right-up*5,left*3' (CoinRun "
-                    "names) or latent ids like '3,3,1' (default: right-leaning play)")
+    dr.add_argument(
+        "--actions",
+        default=None,
+        help="actions, e.g. 'right*10,right-up*5,left*3' (CoinRun "
+        "names) or latent ids like '3,3,1' (default: right-leaning play)",
+    )
     dr.add_argument("--steps", type=int, default=32, help="frames to dream (default 32)")
-    dr.add_argument("--level", type=int, default=None, help="start level seed (default: a test level; for a world "
-                    "learned from recordings, the number of a test recording)")
-    dr.add_argument("--data", default=None, help="a world learned from recordings: the dataset to start from "
-                    "(default: the one it was trained on)")
+    dr.add_argument(
+        "--level",
+        type=int,
+        default=None,
+        help="start level seed (default: a test level; for a world "
+        "learned from recordings, the number of a test recording)",
+    )
+    dr.add_argument(
+        "--data",
+        default=None,
+        help="a world learned from recordings: the dataset to start from (default: the one it was trained on)",
+    )
     dr.add_argument("--fps", type=int, default=15, help="frames per second of the file (default 15)")
     dr.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     dr.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps (default: the model's)")
     _precision_arg(dr, "dream")
     dr.set_defaults(fn=commands.dream)
 
-    b = sub.add_parser("bench", help="measure training and play speed",
-                       description="Training frames/s per stage, matmul peak share, play fps and latency.",
-                       epilog="--set takes the keys that `procgenie train --help` lists, e.g. --set compile=true "
-                              "or --set dynamics.act_ckpt=false; they change the timed training only.")
+    b = sub.add_parser(
+        "bench",
+        help="measure training and play speed",
+        description="Training frames/s per stage, matmul peak share, play fps and latency.",
+        epilog="--set takes the keys that `procgenie train --help` lists, e.g. --set compile=true "
+        "or --set dynamics.act_ckpt=false; they change the timed training only.",
+    )
     b.add_argument("--checkpoint", default=None, help="run folder for play timings (default: the bundled model)")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
     b.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (default 10)")
     b.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps for play (default: play's)")
-    b.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override the preset's config fields for the timed training (as `train --set`)")
+    b.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the preset's config fields for the timed training (as `train --set`)",
+    )
     _precision_arg(b, "train, time the matmul peak and play")
     b.set_defaults(fn=commands.bench)
     return p
@@ -183,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # Every write is atomic (a temporary file, then a rename): what was there before is still whole.
-        print(f"procgenie {args.command}: error: disk full while writing {e.filename or 'a file'}; what was written "
-              "before is intact: free some space and rerun the same command", file=sys.stderr)
+        print(
+            f"procgenie {args.command}: error: disk full while writing {e.filename or 'a file'}; what was written "
+            "before is intact: free some space and rerun the same command",
+            file=sys.stderr,
+        )
         return 2
     except BrokenPipeError:
         os._exit(0)

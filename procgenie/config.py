@@ -18,7 +18,7 @@ from procgenie.errors import UserError
 STAGES = ("tokenizer", "lam", "dynamics")
 PRESETS = ("tiny", "cpu", "seed", "genie")
 PRECISIONS = ("auto", "bf16", "fp32")  # what each means: procgenie/precision.py
-ACTION_KINDS = ("latent", "real")      # what a dynamics model is conditioned on
+ACTION_KINDS = ("latent", "real")  # what a dynamics model is conditioned on
 
 
 def stage_folder(stage: str, model) -> str:
@@ -64,8 +64,11 @@ class LAMConfig:
     num_actions: int = _f(8, "latent action codebook size")
     code_dim: int = _f(32, "latent action code dimension")
     commitment: float = _f(0.25, "VQ commitment loss weight")
-    continuous_frac: float = _f(0.25, "share of the training steps that use a continuous action latent before the "
-                                      "VQ starts; without it the 8-code VQ collapses before the decoder uses it")
+    continuous_frac: float = _f(
+        0.25,
+        "share of the training steps that use a continuous action latent before the "
+        "VQ starts; without it the 8-code VQ collapses before the decoder uses it",
+    )
     action_cond: str = _f("token", "how the decoder sees a_t: 'token' (own token) or 'add' (added to every patch)")
     motion_input: bool = _f(True, "the encoder also sees each frame's change since the previous frame")
     seq_len: int = _f(2, "frames per training clip (2: the decoder sees x_t only, so a_t must carry the motion)")
@@ -75,27 +78,43 @@ class LAMConfig:
 class DynamicsConfig:
     """MaskGIT dynamics model over tokenizer tokens, conditioned on latent actions (Genie) or real ones."""
 
-    actions: str = _f("latent", "what conditions each frame: 'latent' (the LAM's actions, Genie; trained into "
-                                "RUN/dynamics) or 'real' (the dataset's Procgen actions; trained into "
-                                "RUN/dynamics-real, which play prefers)")
-    action_dropout: float = _f(0.1, "share of training frames whose real action is replaced by 'unknown' "
-                                    "(actions='real' only): lets generation start from context frames whose "
-                                    "actions nobody knows")
+    actions: str = _f(
+        "latent",
+        "what conditions each frame: 'latent' (the LAM's actions, Genie; trained into "
+        "RUN/dynamics) or 'real' (the dataset's Procgen actions; trained into "
+        "RUN/dynamics-real, which play prefers)",
+    )
+    action_dropout: float = _f(
+        0.1,
+        "share of training frames whose real action is replaced by 'unknown' "
+        "(actions='real' only): lets generation start from context frames whose "
+        "actions nobody knows",
+    )
     width: int = _f(256, "transformer width")
     depth: int = _f(4, "ST-transformer blocks")
     heads: int = _f(4, "attention heads")
     action_cond: str = _f("token", "how a_t enters: 'token' (own token per frame) or 'add' (added to every token)")
-    guidance: float = _f(1.0, "classifier-free guidance on the action in generation (actions='real' only): each "
-                              "round's logits moved from the unknown action's by this factor; 1 is off")
+    guidance: float = _f(
+        1.0,
+        "classifier-free guidance on the action in generation (actions='real' only): each "
+        "round's logits moved from the unknown action's by this factor; 1 is off",
+    )
     mask_min: float = _f(0.5, "lowest training mask rate")
     mask_max: float = _f(1.0, "highest training mask rate")
-    changed_weight: float = _f(1.0, "loss weight of the masked codes that differ from the previous frame's code at "
-                                    "their place, against 1 for those that stay (1: plain MaskGIT loss)")
+    changed_weight: float = _f(
+        1.0,
+        "loss weight of the masked codes that differ from the previous frame's code at "
+        "their place, against 1 for those that stay (1: plain MaskGIT loss)",
+    )
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
-    decode: str = _f("sample", "how a code is picked: 'sample' (drawn at `temperature`) or 'mean' (each FSQ channel's "
-                               "expected level, rounded; FSQ tokenizers only)")
-    temperature: float = _f(1.0, "sampling temperature (0: greedy); decode='mean' samples only when a caller asks "
-                                 "for a temperature")
+    decode: str = _f(
+        "sample",
+        "how a code is picked: 'sample' (drawn at `temperature`) or 'mean' (each FSQ channel's "
+        "expected level, rounded; FSQ tokenizers only)",
+    )
+    temperature: float = _f(
+        1.0, "sampling temperature (0: greedy); decode='mean' samples only when a caller asks for a temperature"
+    )
     seq_len: int = _f(16, "frames per training clip (and the longest context)")
 
 
@@ -111,8 +130,9 @@ class TrainConfig:
     warmup: int = _f(100, "linear warmup steps")
     weight_decay: float = _f(0.05, "AdamW weight decay (matrices only)")
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
-    precision: str = _f("auto", "'auto' (bf16 autocast only where this device computes it faster than fp32), "
-                                "'bf16' or 'fp32'")
+    precision: str = _f(
+        "auto", "'auto' (bf16 autocast only where this device computes it faster than fp32), 'bf16' or 'fp32'"
+    )
     compile: bool = _f(False, "torch.compile the model")
     act_ckpt: bool = _f(False, "activation checkpointing of transformer blocks")
     seed: int = _f(0, "seed for initialisation, data order and masking")
@@ -141,8 +161,17 @@ def preset(name: str) -> dict[str, StageConfig]:
     tok, lam, dyn = TokenizerConfig(), LAMConfig(), DynamicsConfig()
     t_tok, t_lam, t_dyn = TrainConfig(), TrainConfig(), TrainConfig()
     if name == "tiny":  # seconds on a CPU: for tests and the README's quick path
-        tok = TokenizerConfig(patch_size=16, codes_per_patch=2, stem_channels=8, width=32, enc_depth=1,
-                              dec_depth=1, heads=2, fsq_levels=(5, 5, 5), seq_len=2)
+        tok = TokenizerConfig(
+            patch_size=16,
+            codes_per_patch=2,
+            stem_channels=8,
+            width=32,
+            enc_depth=1,
+            dec_depth=1,
+            heads=2,
+            fsq_levels=(5, 5, 5),
+            seq_len=2,
+        )
         lam = LAMConfig(patch_size=16, width=32, enc_depth=1, dec_depth=1, heads=2, seq_len=4)
         dyn = DynamicsConfig(width=32, depth=1, heads=2, maskgit_steps=2, seq_len=4)
         t_tok = t_lam = t_dyn = TrainConfig(steps=20, batch_size=4, lr=2e-3, warmup=2, log_every=5, ckpt_every=10)
@@ -159,27 +188,49 @@ def preset(name: str) -> dict[str, StageConfig]:
         t_lam = TrainConfig(steps=1300, batch_size=32, lr=3e-4, warmup=100)
         t_dyn = TrainConfig(steps=1900, batch_size=8, lr=1e-3, warmup=100)
     elif name == "seed":  # the original Config class of SEED.md
-        tok = TokenizerConfig(quantizer="vq", codebook_size=512, code_dim=64, patch_size=4, codes_per_patch=1,
-                              width=256, heads=4,
-                              enc_depth=4, dec_depth=4, seq_len=16)
+        tok = TokenizerConfig(
+            quantizer="vq",
+            codebook_size=512,
+            code_dim=64,
+            patch_size=4,
+            codes_per_patch=1,
+            width=256,
+            heads=4,
+            enc_depth=4,
+            dec_depth=4,
+            seq_len=16,
+        )
         lam = LAMConfig(width=256, heads=4, enc_depth=4, dec_depth=4, seq_len=16)
         dyn = DynamicsConfig(width=256, heads=4, depth=4, seq_len=16)
     elif name == "genie":  # Genie's CoinRun case study (Bruce et al. 2024, appendix)
-        tok = TokenizerConfig(quantizer="vq", codebook_size=1024, code_dim=32, patch_size=4, codes_per_patch=1,
-                              stem_channels=0, width=512,
-                              enc_depth=8, dec_depth=8, heads=8, seq_len=16)
+        tok = TokenizerConfig(
+            quantizer="vq",
+            codebook_size=1024,
+            code_dim=32,
+            patch_size=4,
+            codes_per_patch=1,
+            stem_channels=0,
+            width=512,
+            enc_depth=8,
+            dec_depth=8,
+            heads=8,
+            seq_len=16,
+        )
         lam = LAMConfig(num_actions=6, width=512, enc_depth=8, dec_depth=8, heads=8, seq_len=16)
         dyn = DynamicsConfig(width=512, depth=12, heads=8, maskgit_steps=25, seq_len=16)
         t_tok = TrainConfig(steps=300_000, batch_size=48, lr=3e-4, warmup=1000, act_ckpt=True)
         t_lam = TrainConfig(steps=200_000, batch_size=36, lr=3e-5, warmup=1000, act_ckpt=True)
         t_dyn = TrainConfig(steps=200_000, batch_size=36, lr=3e-5, warmup=1000, act_ckpt=True)
-    return {"tokenizer": StageConfig("tokenizer", tok, t_tok),
-            "lam": StageConfig("lam", lam, t_lam),
-            "dynamics": StageConfig("dynamics", dyn, t_dyn)}
+    return {
+        "tokenizer": StageConfig("tokenizer", tok, t_tok),
+        "lam": StageConfig("lam", lam, t_lam),
+        "dynamics": StageConfig("dynamics", dyn, t_dyn),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # (de)serialisation
+
 
 def field_types(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
@@ -204,11 +255,15 @@ def _from_fields(cls, d: dict):
     kwargs = {}
     for k, v in d.items():
         if k not in types_:
-            raise UserError(f"config has unknown field {k!r} for {cls.__name__}: it was written by an "
-                            "incompatible procgenie version; retrain with this version")
+            raise UserError(
+                f"config has unknown field {k!r} for {cls.__name__}: it was written by an "
+                "incompatible procgenie version; retrain with this version"
+            )
         if not _of_type(v, types_[k]):  # a hand-edited or damaged file: name it here, not in a shape error
-            raise UserError(f"config field {cls.__name__}.{k} holds {v!r:.40}, not a value of its type: "
-                            "the config.json is damaged; retrain this stage")
+            raise UserError(
+                f"config field {cls.__name__}.{k} holds {v!r:.40}, not a value of its type: "
+                "the config.json is damaged; retrain this stage"
+            )
         kwargs[k] = tuple(v) if typing.get_origin(types_[k]) is tuple else float(v) if types_[k] is float else v
     return cls(**kwargs)
 
@@ -218,8 +273,9 @@ def from_dict(d: dict) -> StageConfig:
     if not isinstance(stage, str) or stage not in MODEL_CONFIGS:
         raise UserError(f"config names an unknown stage {stage!r:.40}")
     if not isinstance(d.get("model"), dict) or not isinstance(d.get("train"), dict):
-        raise UserError(f"the {stage} config lacks its model or train settings: the config.json is damaged; "
-                        "retrain this stage")
+        raise UserError(
+            f"the {stage} config lacks its model or train settings: the config.json is damaged; retrain this stage"
+        )
     train = dict(d["train"])
     if "bf16" in train and "precision" not in train:  # runs before 2026-12-02: bf16 on (the old default) means auto
         train["precision"] = "auto" if train.pop("bf16") is True else "fp32"
@@ -228,4 +284,3 @@ def from_dict(d: dict) -> StageConfig:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=False)
-

@@ -37,16 +37,18 @@ def test_clips(ds: Dataset, k: int, length: int, seed: int) -> tuple[np.ndarray,
     eps = ds.episodes("test")
     eps = eps[eps["length"] >= length]
     if len(eps) == 0:
-        raise UserError(f"{ds.root} has no test episode of {length} frames or more: collect more episodes, or "
-                        "lower --context/--horizon")
+        raise UserError(
+            f"{ds.root} has no test episode of {length} frames or more: collect more episodes, or "
+            "lower --context/--horizon"
+        )
     rng = np.random.default_rng(seed)
     eps = eps[rng.permutation(len(eps))[:k]]
     frames, actions = [], []
     for ep in eps:
         e = ds.episode(ep)
         s = int(rng.integers(0, ep["length"] - length + 1))
-        frames.append(e["frames"][s:s + length])
-        actions.append(e["actions"][s:s + length - 1])
+        frames.append(e["frames"][s : s + length])
+        actions.append(e["actions"][s : s + length - 1])
     return np.stack(frames), np.stack(actions)
 
 
@@ -55,11 +57,23 @@ def _per_step(fn, a: np.ndarray, b: np.ndarray) -> list[float]:
     return [float(x) for x in fn(a, b).mean(0)]
 
 
-def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int = 4, horizon: int = 10,
-             maskgit_steps: int | None = None, seed: int = 0, quiet: bool = False, precision: str = "auto") -> dict:
+def evaluate(
+    checkpoint,
+    data: str,
+    out: str,
+    episodes: int = 32,
+    context: int = 4,
+    horizon: int = 10,
+    maskgit_steps: int | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    precision: str = "auto",
+) -> dict:
     if context < 1 or horizon < 4:
-        raise UserError(f"--context must be at least 1 and --horizon at least 4 (delta_psnr_t4 needs step 4), "
-                        f"got {context} and {horizon}")
+        raise UserError(
+            f"--context must be at least 1 and --horizon at least 4 (delta_psnr_t4 needs step 4), "
+            f"got {context} and {horizon}"
+        )
     if episodes < 1:
         raise UserError(f"--episodes must be at least 1, got {episodes}")
     if Path(out).exists() and not Path(out).is_dir():
@@ -68,45 +82,54 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     ds = Dataset(data)
     check_data(wm.tok_extra, ds, "world model")
     if wm.action_kind == "real" and not ds.has_actions:
-        raise UserError(f"{ds.root} has no actions (imported recordings): the dynamics model of {wm.run_dir} takes "
-                        "real ones; evaluate a run with a latent-action dynamics model")
+        raise UserError(
+            f"{ds.root} has no actions (imported recordings): the dynamics model of {wm.run_dir} takes "
+            "real ones; evaluate a run with a latent-action dynamics model"
+        )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     C, H = context, horizon
-    clips, real = test_clips(ds, episodes, C + H, seed)                       # (K, C+H, ...), (K, C+H-1)
+    clips, real = test_clips(ds, episodes, C + H, seed)  # (K, C+H, ...), (K, C+H-1)
     K = len(clips)
     bar = tqdm(total=6, desc="eval", disable=quiet, dynamic_ncols=True)
 
     # Tokenizer: round trip of every clip, and code usage.
     recon = wm.reconstruct(clips)
-    codes = torch.from_numpy(wm.encode(clips))                                # (K, C+H, N, G)
+    codes = torch.from_numpy(wm.encode(clips))  # (K, C+H, N, G)
     use = usage(codes, wm.codebook_size)
     code_hist = torch.bincount(codes.flatten(), minlength=wm.codebook_size).numpy()
-    tokenizer = {"psnr": float(M.psnr(recon, clips).mean()), "ssim": float(M.ssim(recon, clips).mean()),
-                 "codebook_size": wm.codebook_size, "codebook_used": int((code_hist > 0).sum()),
-                 "perplexity": float(use["perplexity"])}
+    tokenizer = {
+        "psnr": float(M.psnr(recon, clips).mean()),
+        "ssim": float(M.ssim(recon, clips).mean()),
+        "codebook_size": wm.codebook_size,
+        "codebook_used": int((code_hist > 0).sum()),
+        "perplexity": float(use["perplexity"]),
+    }
     bar.update()
 
     # LAM: latent actions, their next-frame predictions, and how they line up with the real actions.
-    latent = wm.infer_actions(clips)                                          # (K, C+H-1)
-    lam_pred = wm.lam_next_frames(clips[:, :-1], latent)                      # (K, C+H-1, ...)
+    latent = wm.infer_actions(clips)  # (K, C+H-1)
+    lam_pred = wm.lam_next_frames(clips[:, :-1], latent)  # (K, C+H-1, ...)
     nmi_latent, nmi_real = _action_pairs(wm, ds, seed)
     A = wm.num_latent_actions
     confusion = None  # a dataset without actions has nothing to line the latents up with: NMI is absent, not 0
     if ds.has_actions:
         confusion = np.zeros((NUM_ACTIONS, A), np.int64)
         np.add.at(confusion, (nmi_real, nmi_latent), 1)
-    lam = {"psnr": float(M.psnr(lam_pred, clips[:, 1:]).mean()), "num_actions": int(A),
-           "actions_used": int(len(np.unique(nmi_latent))),
-           "nmi_real_actions": M.nmi(nmi_latent, nmi_real) if ds.has_actions else None}
+    lam = {
+        "psnr": float(M.psnr(lam_pred, clips[:, 1:]).mean()),
+        "num_actions": int(A),
+        "actions_used": int(len(np.unique(nmi_latent))),
+        "nmi_real_actions": M.nmi(nmi_latent, nmi_real) if ds.has_actions else None,
+    }
     bar.update()
 
     # Dynamics: autoregressive rollouts under the inferred latent actions (the real ones, for a run whose only
     # dynamics model is on real actions) and under random ones.
-    given = latent if wm.action_kind == "latent" else real                   # (K, C+H-1)
-    acts = given[:, C - 1:C + H - 1]                                         # a_{C-1} leads to frame C
-    before = None if wm.action_kind == "latent" else real[:, :C - 1]         # the LAM infers the context's own
+    given = latent if wm.action_kind == "latent" else real  # (K, C+H-1)
+    acts = given[:, C - 1 : C + H - 1]  # a_{C-1} leads to frame C
+    before = None if wm.action_kind == "latent" else real[:, : C - 1]  # the LAM infers the context's own
     gen = wm.generate(clips[:, :C], acts, steps=maskgit_steps, seed=seed, context_actions=before)  # (K, H, ...)
     bar.update()
     rand = np.random.default_rng(seed + 1).integers(0, wm.num_actions, acts.shape)
@@ -116,58 +139,96 @@ def evaluate(checkpoint, data: str, out: str, episodes: int = 32, context: int =
     # led to the context frames), against random actions of the same kind. Recordings without actions have no keys.
     gen_play = play_rand = None
     if ds.has_actions:
-        keys = real[:, C - 1:C + H - 1]
-        gen_play = wm.play(clips[:, :C], keys, seed=seed, context_keys=real[:, :C - 1], steps=maskgit_steps)
+        keys = real[:, C - 1 : C + H - 1]
+        gen_play = wm.play(clips[:, :C], keys, seed=seed, context_keys=real[:, : C - 1], steps=maskgit_steps)
         if wm.play_kind == "real":
             random_keys = np.random.default_rng(seed + 2).integers(0, NUM_ACTIONS, keys.shape)
-            play_rand = wm.play(clips[:, :C], random_keys, seed=seed, context_keys=real[:, :C - 1],
-                                steps=maskgit_steps)
+            play_rand = wm.play(
+                clips[:, :C], random_keys, seed=seed, context_keys=real[:, : C - 1], steps=maskgit_steps
+            )
         else:
             play_rand = wm.generate(clips[:, :C], rand, steps=wm.play_steps(maskgit_steps), seed=seed)
     bar.update()
     # Teacher-forced single steps: each horizon frame from the C real frames before it.
-    ctx = np.concatenate([clips[:, h:h + C] for h in range(H)])               # (H*K, C, ...)
-    ctx_acts = None if before is None else np.concatenate([real[:, h:h + C - 1] for h in range(H)])
-    one = wm.generate(ctx, np.concatenate([given[:, C + h - 1:C + h] for h in range(H)]), steps=maskgit_steps,
-                      seed=seed, context_actions=ctx_acts)[:, 0]
+    ctx = np.concatenate([clips[:, h : h + C] for h in range(H)])  # (H*K, C, ...)
+    ctx_acts = None if before is None else np.concatenate([real[:, h : h + C - 1] for h in range(H)])
+    one = wm.generate(
+        ctx,
+        np.concatenate([given[:, C + h - 1 : C + h] for h in range(H)]),
+        steps=maskgit_steps,
+        seed=seed,
+        context_actions=ctx_acts,
+    )[:, 0]
     truth_one = np.concatenate([clips[:, C + h] for h in range(H)])
     bar.update()
     bar.close()
     future = clips[:, C:]
     psnr_by_step = _per_step(M.psnr, gen, future)
     psnr_rand = _per_step(M.psnr, gen_rand, future)
-    dynamics = {"action_kind": wm.action_kind, "context": C, "horizon": H,
-                "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
-                "psnr_1step": float(M.psnr(one, truth_one).mean()), "ssim_1step": float(M.ssim(one, truth_one).mean()),
-                "psnr_by_step": psnr_by_step, "ssim_by_step": _per_step(M.ssim, gen, future),
-                "delta_psnr_t4": psnr_by_step[3] - psnr_rand[3], "mean_psnr_over_horizon": float(np.mean(psnr_by_step)),
-                "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen, future)]}
-    copy = np.repeat(clips[:, C - 1:C], H, axis=1)
+    dynamics = {
+        "action_kind": wm.action_kind,
+        "context": C,
+        "horizon": H,
+        "maskgit_steps": int(maskgit_steps or wm.dyn_cfg.model.maskgit_steps),
+        "psnr_1step": float(M.psnr(one, truth_one).mean()),
+        "ssim_1step": float(M.ssim(one, truth_one).mean()),
+        "psnr_by_step": psnr_by_step,
+        "ssim_by_step": _per_step(M.ssim, gen, future),
+        "delta_psnr_t4": psnr_by_step[3] - psnr_rand[3],
+        "mean_psnr_over_horizon": float(np.mean(psnr_by_step)),
+        "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen, future)],
+    }
+    copy = np.repeat(clips[:, C - 1 : C], H, axis=1)
     # Moving clips: the real frame at the last step differs from the last context frame (CoinRun's still screens
     # score the copy-last baseline at PSNR's cap).
     moving = (future[:, -1] != clips[:, C - 1]).reshape(K, -1).any(1)
+
     def last(a):  # None (JSON's null) when no clip moved
         return float(M.psnr(a[moving, -1], future[moving, -1]).mean()) if moving.any() else None
+
     dynamics["moving"] = {"clips": int(moving.sum()), "psnr_last_step": last(gen), "copy_last_last_step": last(copy)}
     latent_rows = None
     if wm.action_kind == "latent":  # what each number key of play does, in every world
         dynamics["held_latents"], latent_rows = held_latents(wm, clips[:HELD_LATENT_CLIPS, :C], H, seed)
-    play = None if gen_play is None else _play_block(wm, gen, gen_play, play_rand, clips, C, H, maskgit_steps,
-                                                     seed, last)
+    play = (
+        None if gen_play is None else _play_block(wm, gen, gen_play, play_rand, clips, C, H, maskgit_steps, seed, last)
+    )
     result = {
         "data": {"episodes": K, "frames": int(K * (C + H)), "actions": ds.has_actions},
-        "tokenizer": tokenizer, "lam": lam, "dynamics": dynamics, "play": play,
-        "baseline_copy_last": {"psnr_by_step": _per_step(M.psnr, copy, future),
-                               "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(copy, future)]},
+        "tokenizer": tokenizer,
+        "lam": lam,
+        "dynamics": dynamics,
+        "play": play,
+        "baseline_copy_last": {
+            "psnr_by_step": _per_step(M.psnr, copy, future),
+            "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(copy, future)],
+        },
         "random_actions": {"psnr_by_step": psnr_rand},
-        "run": {"checkpoint": str(wm.run_dir), "data": str(ds.root), "seed": seed, "device": str(wm.device),
-                "precision": wm.precision, "seconds": time.perf_counter() - t0},
+        "run": {
+            "checkpoint": str(wm.run_dir),
+            "data": str(ds.root),
+            "seed": seed,
+            "device": str(wm.device),
+            "precision": wm.precision,
+            "seconds": time.perf_counter() - t0,
+        },
     }
     write_json_atomic(out_dir / "metrics.json", result)
     from procgenie.report import write_report
-    write_report(out_dir, result, clips=clips, recon=recon, gen=gen, gen_rand=gen_rand, gen_play=gen_play,
-                 one=(ctx[:, -1], one, truth_one),
-                 code_hist=code_hist, confusion=confusion, latent_rows=latent_rows)
+
+    write_report(
+        out_dir,
+        result,
+        clips=clips,
+        recon=recon,
+        gen=gen,
+        gen_rand=gen_rand,
+        gen_play=gen_play,
+        one=(ctx[:, -1], one, truth_one),
+        code_hist=code_hist,
+        confusion=confusion,
+        latent_rows=latent_rows,
+    )
     if not quiet:
         _print_summary(result, out_dir)
     return result
@@ -177,43 +238,58 @@ def _play_block(wm, gen, gen_play, play_rand, clips, C: int, H: int, maskgit_ste
     """Figures of what a player gets: rollouts under play's keys for the clips' real keys (gen_play) and under
     random keys (play_rand), their camera motion (and that of `gen`, the rollouts under inferred latents), and
     keys held from the start of Procgen test levels."""
-    future, copy = clips[:, C:], np.repeat(clips[:, C - 1:C], H, axis=1)
+    future, copy = clips[:, C:], np.repeat(clips[:, C - 1 : C], H, axis=1)
     psnr_play, psnr_play_rand = _per_step(M.psnr, gen_play, future), _per_step(M.psnr, play_rand, future)
     levels = [20 * i for i in range(min(len(clips), HELD_KEY_LEVELS))]
-    return {"action_kind": wm.play_kind, "maskgit_steps": wm.play_steps(maskgit_steps), "psnr_by_step": psnr_play,
-            "delta_psnr_t4": psnr_play[3] - psnr_play_rand[3], "random_psnr_by_step": psnr_play_rand,
-            "mean_psnr_over_horizon": float(np.mean(psnr_play)),
-            "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen_play, future)],
-            "moving_psnr_last_step": last(gen_play),
-            "motion_error_px": float(M.motion_error(gen_play, future, clips[:, C - 1]).mean()),
-            "still_motion_error_px": float(M.motion_error(copy, future, clips[:, C - 1]).mean()),
-            "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean()),
-            "held_keys": held_keys(wm, levels, C, H, seed) if wm.procgen else None}
+    return {
+        "action_kind": wm.play_kind,
+        "maskgit_steps": wm.play_steps(maskgit_steps),
+        "psnr_by_step": psnr_play,
+        "delta_psnr_t4": psnr_play[3] - psnr_play_rand[3],
+        "random_psnr_by_step": psnr_play_rand,
+        "mean_psnr_over_horizon": float(np.mean(psnr_play)),
+        "pooled_psnr_by_step": [float(x) for x in M.pooled_psnr(gen_play, future)],
+        "moving_psnr_last_step": last(gen_play),
+        "motion_error_px": float(M.motion_error(gen_play, future, clips[:, C - 1]).mean()),
+        "still_motion_error_px": float(M.motion_error(copy, future, clips[:, C - 1]).mean()),
+        "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean()),
+        "held_keys": held_keys(wm, levels, C, H, seed) if wm.procgen else None,
+    }
 
 
 def _print_summary(result: dict, out_dir: Path) -> None:
     tok, lam, d, play = result["tokenizer"], result["lam"], result["dynamics"], result["play"]
     H = d["horizon"]
-    print(f"tokenizer PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codes {tok['codebook_used']}/"
-          f"{tok['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions {lam['actions_used']}/{lam['num_actions']}, "
-          f"NMI {_num(lam['nmi_real_actions'], 3)}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
-          f"{d['psnr_by_step'][-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
-          f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}")
+    print(
+        f"tokenizer PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codes {tok['codebook_used']}/"
+        f"{tok['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions {lam['actions_used']}/{lam['num_actions']}, "
+        f"NMI {_num(lam['nmi_real_actions'], 3)}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
+        f"{d['psnr_by_step'][-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
+        f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}"
+    )
     if d.get("held_latents"):
-        print("each latent held (dream camera dx, dy over the horizon): " + "; ".join(
-            f"{h['latent']}: {h['dx_px']:+.1f}, {h['dy_px']:+.1f}" for h in d["held_latents"]))
+        print(
+            "each latent held (dream camera dx, dy over the horizon): "
+            + "; ".join(f"{h['latent']}: {h['dx_px']:+.1f}, {h['dy_px']:+.1f}" for h in d["held_latents"])
+        )
     if play is None:
         print("play: no figures (the dataset holds no actions to press)")
     else:
-        print(f"play ({play['action_kind']} actions): step {H} {play['psnr_by_step'][-1]:.2f} dB, delta_psnr_t4 "
-              f"{play['delta_psnr_t4']:.2f}, moving clips' last step {_num(play['moving_psnr_last_step'])} (copy-last "
-              f"{_num(d['moving']['copy_last_last_step'])}), camera error {play['motion_error_px']:.1f} px "
-              f"(never moving {play['still_motion_error_px']:.1f})")
+        print(
+            f"play ({play['action_kind']} actions): step {H} {play['psnr_by_step'][-1]:.2f} dB, delta_psnr_t4 "
+            f"{play['delta_psnr_t4']:.2f}, moving clips' last step {_num(play['moving_psnr_last_step'])} (copy-last "
+            f"{_num(d['moving']['copy_last_last_step'])}), camera error {play['motion_error_px']:.1f} px "
+            f"(never moving {play['still_motion_error_px']:.1f})"
+        )
     if play is not None and play["held_keys"] is not None:
-        print("held keys (camera shift, dream / real, same direction): " + "; ".join(
-            f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
-            + ("level never moved" if v["same_direction"] is None else f"{v['same_direction']:.0%}")
-            for k, v in play["held_keys"].items()))
+        print(
+            "held keys (camera shift, dream / real, same direction): "
+            + "; ".join(
+                f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
+                + ("level never moved" if v["same_direction"] is None else f"{v['same_direction']:.0%}")
+                for k, v in play["held_keys"].items()
+            )
+        )
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
 
 

@@ -72,8 +72,8 @@ def camera_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 6) -> np.ndarray
     err = torch.empty(x.shape[0], len(r), len(r))
     for i, dy in enumerate(r):
         for j, dx in enumerate(r):
-            src = x[:, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)]
-            dst = y[:, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+            src = x[:, max(0, -dy) : H - max(0, dy), max(0, -dx) : W - max(0, dx)]
+            dst = y[:, max(0, dy) : H - max(0, -dy), max(0, dx) : W - max(0, -dx)]
             err[:, i, j] = (dst - src).pow(2).flatten(1).mean(1)
     best = err.flatten(1).argmin(1)
     dy, dx = best // len(r) - max_shift, best % len(r) - max_shift
@@ -87,7 +87,9 @@ def motion_error(dream: np.ndarray, real: np.ndarray, last_context: np.ndarray) 
     """Per clip, how far the dream's camera goes wrong: the frame-to-frame shifts (camera_shift) from the last
     context frame through the horizon, summed, |dx| + |dy| of the dream's total minus the real video's.
     dream, real uint8 (K, H, S, S, 3); last_context (K, S, S, 3) -> (K,) pixels."""
+
     def total(frames):
         seq = np.concatenate([last_context[:, None], frames], 1)
-        return camera_shift(seq[:, :-1], seq[:, 1:]).sum(1)                # (K, 2)
+        return camera_shift(seq[:, :-1], seq[:, 1:]).sum(1)  # (K, 2)
+
     return np.abs(total(dream) - total(real)).sum(-1).astype(np.float64)

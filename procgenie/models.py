@@ -51,13 +51,20 @@ class Links:
     def of(cls, tokenizer: Tokenizer, lam: LAM, run_dir: Path | None = None) -> "Links":
         """The links to these models (with their fingerprints in `run_dir`, where given)."""
         fsq = tuple(tokenizer.cfg.fsq_levels) if tokenizer.cfg.quantizer == "fsq" else None
-        prints = {} if run_dir is None else {stage: ckpt.fingerprint(run_dir / stage / "model.safetensors")
-                                             for stage in ("tokenizer", "lam")}
+        prints = (
+            {}
+            if run_dir is None
+            else {stage: ckpt.fingerprint(run_dir / stage / "model.safetensors") for stage in ("tokenizer", "lam")}
+        )
         return cls(tokenizer.vocab, tokenizer.tokens, tokenizer.cfg.codes_per_patch, fsq, lam.cfg.num_actions, prints)
 
     def to_json(self) -> dict:
-        tok = {"vocab": self.vocab, "positions": self.positions, "codes_per_position": self.codes_per_position,
-               "fsq_levels": None if self.fsq_levels is None else list(self.fsq_levels)}
+        tok = {
+            "vocab": self.vocab,
+            "positions": self.positions,
+            "codes_per_position": self.codes_per_position,
+            "fsq_levels": None if self.fsq_levels is None else list(self.fsq_levels),
+        }
         out = {"tokenizer": tok, "lam": {"num_actions": self.num_latent_actions}}
         for stage, fp in self.fingerprints.items():
             out[stage] = {"fingerprint": fp, **out[stage]}
@@ -69,8 +76,14 @@ class Links:
         if not tok or not lam:
             raise UserError("a dynamics config must name its tokenizer and LAM (links): retrain the dynamics stage")
         fsq = tok.get("fsq_levels")
-        return cls(tok["vocab"], tok["positions"], tok["codes_per_position"], None if fsq is None else tuple(fsq),
-                   lam["num_actions"], {s: d[s]["fingerprint"] for s in ("tokenizer", "lam") if "fingerprint" in d[s]})
+        return cls(
+            tok["vocab"],
+            tok["positions"],
+            tok["codes_per_position"],
+            None if fsq is None else tuple(fsq),
+            lam["num_actions"],
+            {s: d[s]["fingerprint"] for s in ("tokenizer", "lam") if "fingerprint" in d[s]},
+        )
 
 
 def build(sc: C.StageConfig, links: Links | None = None) -> torch.nn.Module:
@@ -85,8 +98,9 @@ def build(sc: C.StageConfig, links: Links | None = None) -> torch.nn.Module:
     return Dynamics(sc.model, links.vocab, links.positions, links.codes_per_position, actions, links.fsq_levels)
 
 
-def load_stage(run_dir: Path, stage: str, device: torch.device, folder: str | None = None
-               ) -> tuple[torch.nn.Module, C.StageConfig, dict]:
+def load_stage(
+    run_dir: Path, stage: str, device: torch.device, folder: str | None = None
+) -> tuple[torch.nn.Module, C.StageConfig, dict]:
     """A trained stage in eval mode, rebuilt from RUN/<folder>/config.json and model.safetensors (the folder
     defaults to the stage's name)."""
     folder = folder or stage
@@ -109,28 +123,37 @@ def check_links(run_dir: Path, extra: dict) -> None:
     for stage in ("tokenizer", "lam"):
         have = ckpt.fingerprint(run_dir / stage / "model.safetensors")
         if want.get(stage) != have:
-            raise UserError(f"the dynamics model in {run_dir} was trained with another {stage} (weights "
-                            f"{want.get(stage)}, found {have}): retrain the dynamics stage, or restore that {stage}")
+            raise UserError(
+                f"the dynamics model in {run_dir} was trained with another {stage} (weights "
+                f"{want.get(stage)}, found {have}): retrain the dynamics stage, or restore that {stage}"
+            )
 
 
 def check_data(extra: dict, ds, what: str, other: str = "train on this one") -> None:
     """Refuse a dataset of another game or frame size than the one the model (its config's `extra`) learnt."""
     data = extra.get("data", {})
     if data.get("env") and data["env"] != ds.env:
-        raise UserError(f"the {what} was trained on {data['env']} but {ds.root} holds {ds.env}: use a {data['env']} "
-                        f"dataset, or {other}")
+        raise UserError(
+            f"the {what} was trained on {data['env']} but {ds.root} holds {ds.env}: use a {data['env']} "
+            f"dataset, or {other}"
+        )
     if data.get("image_size") and data["image_size"] != ds.image_size:
-        raise UserError(f"the {what} expects {data['image_size']} px frames but {ds.root} holds {ds.image_size} px: "
-                        f"use a dataset of {data['image_size']} px frames, or {other}")
+        raise UserError(
+            f"the {what} expects {data['image_size']} px frames but {ds.root} holds {ds.image_size} px: "
+            f"use a dataset of {data['image_size']} px frames, or {other}"
+        )
 
 
-def build_for_training(stage: str, sc: C.StageConfig, ds, run_dir: Path, device
-                       ) -> tuple[torch.nn.Module, Links | None]:
+def build_for_training(
+    stage: str, sc: C.StageConfig, ds, run_dir: Path, device
+) -> tuple[torch.nn.Module, Links | None]:
     """The model to train and its links; the dynamics stage gets the run's frozen tokenizer and LAM."""
     image_size = getattr(sc.model, "image_size", ds.image_size)
     if image_size != ds.image_size:
-        raise UserError(f"{stage} is configured for {image_size} px frames but {ds.root} holds {ds.image_size} px: "
-                        f"--set image_size={ds.image_size}")
+        raise UserError(
+            f"{stage} is configured for {image_size} px frames but {ds.root} holds {ds.image_size} px: "
+            f"--set image_size={ds.image_size}"
+        )
     if stage != "dynamics":
         return build(sc).to(device), None
     tokenizer, _, tok_extra = load_stage(run_dir, "tokenizer", device)

@@ -36,7 +36,8 @@ def _parse_value(raw: str, typ, key: str):
     except ValueError:
         pass
     want = {bool: "true or false", int: "an integer", float: "a finite number", str: "text"}.get(
-        typ, "comma-separated integers like 8,5,5,5")
+        typ, "comma-separated integers like 8,5,5,5"
+    )
     raise UserError(f"bad value for --set {key}={raw!r}: expected {want}")
 
 
@@ -75,8 +76,9 @@ def apply_overrides(stages: dict[str, StageConfig], overrides: list[str], only: 
                     hit = True
                     break
         if not hit:
-            valid = sorted({n for s in only for n in list(_field_types(type(stages[s].model)))
-                            + list(_field_types(TrainConfig))})
+            valid = sorted(
+                {n for s in only for n in list(_field_types(type(stages[s].model))) + list(_field_types(TrainConfig))}
+            )
             raise UserError(f"unknown --set key {key!r} for {'/'.join(only)}: valid keys are {', '.join(valid)}")
     for stage in only:
         validate(stages[stage])
@@ -100,8 +102,9 @@ def validate(sc: StageConfig) -> None:
         if getattr(m, name, 0) < 0:
             raise UserError(f"{sc.stage}: {name} must not be negative")
     if not 0 <= getattr(m, "mask_min", 0) <= getattr(m, "mask_max", 1) <= 1:
-        raise UserError(f"{sc.stage}: mask rates must satisfy 0 <= mask_min <= mask_max <= 1, got "
-                        f"{m.mask_min} and {m.mask_max}")
+        raise UserError(
+            f"{sc.stage}: mask rates must satisfy 0 <= mask_min <= mask_max <= 1, got {m.mask_min} and {m.mask_max}"
+        )
     if hasattr(m, "image_size") and m.image_size % m.patch_size:
         raise UserError(f"{sc.stage}: patch_size {m.patch_size} must divide image_size {m.image_size}")
     if m.width % m.heads:
@@ -123,8 +126,9 @@ def validate(sc: StageConfig) -> None:
     if t.precision not in PRECISIONS:
         raise UserError(f"{sc.stage}: train.precision must be auto, bf16 or fp32, not '{t.precision}'")
     if t.batch_size < 1 or t.steps < 0 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        raise UserError(f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum "
-                        f"{t.grad_accum}")
+        raise UserError(
+            f"{sc.stage}: batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}"
+        )
     for name in ("lr", "warmup", "weight_decay", "grad_clip", "seed", "workers"):
         if getattr(t, name) < 0:
             raise UserError(f"{sc.stage}: train.{name} must not be negative")

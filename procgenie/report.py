@@ -16,8 +16,10 @@ from procgenie.vocab import ACTION_NAMES, NUM_ACTIONS
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -46,16 +48,20 @@ def frame_rows(path: Path, rows: list[tuple[str, np.ndarray]], titles: list[list
     _save(fig, path)
 
 
-def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist, confusion, gen_play=None,
-                 latent_rows=None) -> None:
+def write_report(
+    out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist, confusion, gen_play=None, latent_rows=None
+) -> None:
     plt = _plt()
     C, H = m["dynamics"]["context"], m["dynamics"]["horizon"]
     n = min(8, len(clips))
 
     # Reconstruction grid: originals above reconstructions.
     orig, rec = clips[:n, C], recon[:n, C]
-    frame_rows(out / "recon_grid.png", [("original", orig), ("reconstruction", rec)],
-               [[], [f"{p:.1f} dB" for p in psnr(rec, orig)]])
+    frame_rows(
+        out / "recon_grid.png",
+        [("original", orig), ("reconstruction", rec)],
+        [[], [f"{p:.1f} dB" for p in psnr(rec, orig)]],
+    )
 
     # Codebook usage histogram.
     fig, ax = plt.subplots(figsize=(7, 3))
@@ -65,34 +71,46 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
     ax.set_xlabel("code, most used first")
     ax.set_ylabel("count")
     t = m["tokenizer"]
-    ax.set_title(f"codebook usage: {t['codebook_used']}/{t['codebook_size']} codes used, "
-                 f"perplexity {t['perplexity']:.0f}")
+    ax.set_title(
+        f"codebook usage: {t['codebook_used']}/{t['codebook_size']} codes used, perplexity {t['perplexity']:.0f}"
+    )
     _save(fig, out / "codebook_usage.png")
 
     # Single-step predictions (teacher-forced): last real frame | prediction | truth.
     last, pred, truth = (a[:: max(1, len(a) // 6)][:6] for a in one)
     rows = [("last real", last), ("predicted", pred), ("real next", truth)]
-    frame_rows(out / "single_step.png", rows,
-               [[], [f"{p:.1f} dB / {s:.2f}" for p, s in zip(psnr(pred, truth), ssim(pred, truth))], []])
+    frame_rows(
+        out / "single_step.png",
+        rows,
+        [[], [f"{p:.1f} dB / {s:.2f}" for p, s in zip(psnr(pred, truth), ssim(pred, truth))], []],
+    )
 
     # Multi-step rollouts: real future, dream under inferred actions, dream under random actions.
     rows, titles = [], []
     for i in range(min(3, len(clips))):
-        rows += [(f"clip {i} real", clips[i, C - 1:]), ("dream", np.concatenate([clips[i, C - 1:C], gen[i]])),
-                 ("random acts", np.concatenate([clips[i, C - 1:C], gen_rand[i]]))]
-        titles += [["context"] + [f"t+{k + 1}" for k in range(H)],
-                   [""] + [f"{p:.1f}" for p in psnr(gen[i], clips[i, C:])], []]
+        rows += [
+            (f"clip {i} real", clips[i, C - 1 :]),
+            ("dream", np.concatenate([clips[i, C - 1 : C], gen[i]])),
+            ("random acts", np.concatenate([clips[i, C - 1 : C], gen_rand[i]])),
+        ]
+        titles += [
+            ["context"] + [f"t+{k + 1}" for k in range(H)],
+            [""] + [f"{p:.1f}" for p in psnr(gen[i], clips[i, C:])],
+            [],
+        ]
         if gen_play is not None:
-            rows.append(("play's keys", np.concatenate([clips[i, C - 1:C], gen_play[i]])))
+            rows.append(("play's keys", np.concatenate([clips[i, C - 1 : C], gen_play[i]])))
             titles.append([""] + [f"{p:.1f}" for p in psnr(gen_play[i], clips[i, C:])])
     frame_rows(out / "multi_step.png", rows, titles)
 
     # Each latent action held from the first clip's context: what each number key of play does.
     if latent_rows is not None:
         held = m["dynamics"]["held_latents"]
-        frame_rows(out / "held_latents.png",
-                   [(f"latent {k}", np.concatenate([clips[0, C - 1:C], latent_rows[k]])) for k in range(len(held))],
-                   [["context"] + [""] * (H - 1) + [f"dx {h['dx_px']:+.0f} dy {h['dy_px']:+.0f}"] for h in held])
+        frame_rows(
+            out / "held_latents.png",
+            [(f"latent {k}", np.concatenate([clips[0, C - 1 : C], latent_rows[k]])) for k in range(len(held))],
+            [["context"] + [""] * (H - 1) + [f"dx {h['dx_px']:+.0f} dy {h['dy_px']:+.0f}"] for h in held],
+        )
 
     # Error accumulation over the horizon.
     steps = np.arange(1, H + 1)
@@ -127,11 +145,12 @@ def write_report(out: Path, m: dict, clips, recon, gen, gen_rand, one, code_hist
 
     # A GIF: real on the left, dream on the right, context frames first.
     import imageio.v2 as imageio
+
     k = min(4, len(clips))
-    real_seq = clips[:k]                                                   # (k, C+H, ...)
+    real_seq = clips[:k]  # (k, C+H, ...)
     dream_seq = np.concatenate([clips[:k, :C], gen[:k]], 1)
     tiles = np.concatenate([real_seq, np.full_like(real_seq[:, :, :, :2], 255), dream_seq], 3)  # side by side
-    movie = upscale(np.concatenate(list(tiles), 1), 2)                   # clips stacked vertically
+    movie = upscale(np.concatenate(list(tiles), 1), 2)  # clips stacked vertically
     write_atomic(out / "rollout.gif", lambda tmp: imageio.mimsave(tmp, list(movie), format="GIF", duration=0.2, loop=0))
 
     write_bytes_atomic(out / "report.html", _html(m).encode())
@@ -154,22 +173,32 @@ def _fmt(v) -> str:
 
 def _html(m: dict) -> str:
     d, b = m["dynamics"], m["baseline_copy_last"]
-    head = (f"Tokenizer {m['tokenizer']['psnr']:.2f} dB PSNR; step-{d['horizon']} rollout "
-            f"{d['psnr_by_step'][-1]:.2f} dB against {b['psnr_by_step'][-1]:.2f} dB for copying the last frame; "
-            f"delta PSNR at step 4 {d['delta_psnr_t4']:.2f} dB.")
+    head = (
+        f"Tokenizer {m['tokenizer']['psnr']:.2f} dB PSNR; step-{d['horizon']} rollout "
+        f"{d['psnr_by_step'][-1]:.2f} dB against {b['psnr_by_step'][-1]:.2f} dB for copying the last frame; "
+        f"delta PSNR at step 4 {d['delta_psnr_t4']:.2f} dB."
+    )
     if m.get("play"):
         p = m["play"]
-        head += (f" Under play's {p['action_kind']} keys: step {d['horizon']} {p['psnr_by_step'][-1]:.2f} dB, "
-                 f"delta PSNR at step 4 {p['delta_psnr_t4']:.2f} dB, camera error {p['motion_error_px']:.1f} px "
-                 f"(a dream that never moves: {p['still_motion_error_px']:.1f}).")
+        head += (
+            f" Under play's {p['action_kind']} keys: step {d['horizon']} {p['psnr_by_step'][-1]:.2f} dB, "
+            f"delta PSNR at step 4 {p['delta_psnr_t4']:.2f} dB, camera error {p['motion_error_px']:.1f} px "
+            f"(a dream that never moves: {p['still_motion_error_px']:.1f})."
+        )
     figures = [
         ("recon_grid.png", "Tokenizer: test frames (top) and their reconstructions (bottom)."),
         ("codebook_usage.png", "Codebook usage over the test clips."),
         ("single_step.png", "Single-step predictions from real context, with PSNR / SSIM."),
-        ("multi_step.png", "Multi-step rollouts: real, dreamed under the inferred latent actions, under random ones, "
-                           "and under the actions play sends for the real keys."),
-        ("held_latents.png", "Each latent action (play's number keys) held from the first clip's context; the "
-                             "last title is the mean camera shift over 16 clips (px)."),
+        (
+            "multi_step.png",
+            "Multi-step rollouts: real, dreamed under the inferred latent actions, under random ones, "
+            "and under the actions play sends for the real keys.",
+        ),
+        (
+            "held_latents.png",
+            "Each latent action (play's number keys) held from the first clip's context; the "
+            "last title is the mean camera shift over 16 clips (px).",
+        ),
         ("psnr_by_step.png", "Error accumulation: PSNR and SSIM by step after the context."),
         ("lam_confusion.png", "Which latent action each real action becomes (test levels)."),
         ("rollout.gif", "Real (left) and dreamed (right) rollouts from the same context."),
@@ -178,8 +207,10 @@ def _html(m: dict) -> str:
         figures = [f for f in figures if f[0] != "lam_confusion.png"]
     if not m["dynamics"].get("held_latents"):
         figures = [f for f in figures if f[0] != "held_latents.png"]
-    figs = "".join(f'<figure><img src="{f}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
-                   for f, c in figures)
+    figs = "".join(
+        f'<figure><img src="{f}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+        for f, c in figures
+    )
     sections = "".join(f"<h2>{k}</h2>{_table(v)}" for k, v in m.items() if isinstance(v, dict))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>procgenie evaluation</title>

@@ -26,8 +26,16 @@ class Session:
     dynamics: the model to drive (default the one `generate` uses); context_actions (B, C-1) of its kind, else
     inferred by the LAM (latent) or unknown (real)."""
 
-    def __init__(self, wm: WorldModel, context: np.ndarray, steps=None, temperature=None, seed=None, dynamics=None,
-                 context_actions=None):
+    def __init__(
+        self,
+        wm: WorldModel,
+        context: np.ndarray,
+        steps=None,
+        temperature=None,
+        seed=None,
+        dynamics=None,
+        context_actions=None,
+    ):
         if steps is not None and steps < 1:  # the one check: eval, play, dream and bench all step a Session
             raise UserError(f"MaskGIT steps (--maskgit-steps) must be at least 1, got {steps}")
         self.wm, self.steps, self.temperature = wm, steps, temperature
@@ -37,7 +45,7 @@ class Session:
         ctx = torch.from_numpy(np.require(context, requirements=["C", "W"])).to(wm.device)  # (B, C, H, W, 3)
         tok = wm.tokenizer
         with torch.no_grad(), wm.compute_precision():
-            codes = tok.encode(ctx)                                                # (B, C, N, G)
+            codes = tok.encode(ctx)  # (B, C, N, G)
             B, C = codes.shape[:2]
             if context_actions is not None:
                 between = torch.as_tensor(np.asarray(context_actions), dtype=torch.long, device=wm.device)
@@ -49,7 +57,7 @@ class Session:
             self.state = dyn.start(codes, torch.cat([first, between], 1))
             self.dec_caches = tok.decoder.new_caches(tok.cfg.seq_len - 1)
             pos = torch.arange(C, device=wm.device)
-            tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)    # fill the decoder's cache
+            tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)  # fill the decoder's cache
         self.frame_shape = tuple(context.shape[2:])
 
     @property
@@ -62,8 +70,13 @@ class Session:
         """Take actions (B,) -> the next frames, uint8 (B, H, W, 3)."""
         wm = self.wm
         with wm.compute_precision():
-            codes = self.dyn.step(self.state, action_B.to(wm.device), steps=self.steps,
-                                  temperature=self.temperature, generator=self.generator)
+            codes = self.dyn.step(
+                self.state,
+                action_B.to(wm.device),
+                steps=self.steps,
+                temperature=self.temperature,
+                generator=self.generator,
+            )
             pos = torch.tensor([self.state.t - 1], device=wm.device)  # the frame just generated
             frame = wm.tokenizer.decode(codes[:, None], caches=self.dec_caches, pos=pos, commit=True)[:, 0]
         return to_uint8(frame)

@@ -33,8 +33,9 @@ RESUMABLE_CHANGES = {"steps", "workers", "log_every", "ckpt_every", "grad_accum"
 FINISH = {"lam": write_action_map}
 
 
-def resolve_stage_config(stage: str, run: Path, preset: str | None, steps: int | None,
-                         overrides: list[str]) -> tuple[C.StageConfig, str, Path]:
+def resolve_stage_config(
+    stage: str, run: Path, preset: str | None, steps: int | None, overrides: list[str]
+) -> tuple[C.StageConfig, str, Path]:
     """The config to train with (the preset plus overrides, checked against a run being resumed), the preset's
     name and the stage's folder (a dynamics model on real actions trains beside the latent one)."""
     if steps is not None:
@@ -50,26 +51,43 @@ def resolve_stage_config(stage: str, run: Path, preset: str | None, steps: int |
     if saved:
         old = C.to_dict(saved[0])
         new = C.to_dict(sc)
-        diffs = [f"{sec}.{k} {old[sec][k]!r} (now {new[sec][k]!r})" for sec in ("model", "train") for k in new[sec]
-                 if old[sec].get(k) != new[sec][k] and not (sec == "train" and k in RESUMABLE_CHANGES)]
+        diffs = [
+            f"{sec}.{k} {old[sec][k]!r} (now {new[sec][k]!r})"
+            for sec in ("model", "train")
+            for k in new[sec]
+            if old[sec].get(k) != new[sec][k] and not (sec == "train" and k in RESUMABLE_CHANGES)
+        ]
         if diffs:
-            raise UserError(f"{stage_dir} was trained with other settings: {', '.join(diffs[:4])}; rerun with the "
-                            "same settings to resume, or choose another --run")
+            raise UserError(
+                f"{stage_dir} was trained with other settings: {', '.join(diffs[:4])}; rerun with the "
+                "same settings to resume, or choose another --run"
+            )
     return sc, name, stage_dir
 
 
-def train_stage(stage: str, data: str, run: str, preset: str | None = None, steps: int | None = None,
-                overrides: list[str] | None = None, quiet: bool = False) -> dict:
+def train_stage(
+    stage: str,
+    data: str,
+    run: str,
+    preset: str | None = None,
+    steps: int | None = None,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+) -> dict:
     rank, world, device = distributed()
     run_dir = Path(run)
     sc, preset_name, stage_dir = resolve_stage_config(stage, run_dir, preset, steps, overrides or [])
     ds = Dataset(data)
     if stage == "dynamics" and sc.model.actions == "real" and not ds.has_actions:
-        raise UserError(f"{ds.root} has no actions (imported recordings): a dynamics model on real actions needs "
-                        "them; train Genie's latent one (actions=latent, the default)")
+        raise UserError(
+            f"{ds.root} has no actions (imported recordings): a dynamics model on real actions needs "
+            "them; train Genie's latent one (actions=latent, the default)"
+        )
     if sc.train.batch_size % (world * sc.train.grad_accum):
-        raise UserError(f"{stage}: batch_size {sc.train.batch_size} must be divisible by {world} ranks x "
-                        f"grad_accum {sc.train.grad_accum}")
+        raise UserError(
+            f"{stage}: batch_size {sc.train.batch_size} must be divisible by {world} ranks x "
+            f"grad_accum {sc.train.grad_accum}"
+        )
     torch.manual_seed(sc.train.seed)  # the same initial weights on every rank
     if sc.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -80,20 +98,34 @@ def train_stage(stage: str, data: str, run: str, preset: str | None = None, step
     # before the first write.
     with exclusive(stage_dir, f"training {stage_dir}") if rank == 0 else nullcontext():
         if rank == 0 and trained < sc.train.steps:  # a finished stage keeps the config it was trained with
-            ckpt.write_config(stage_dir, sc, {"preset": preset_name, "links": links.to_json() if links else {},
-                                              "precision_used": resolve(sc.train.precision, device),
-                                              "data": {"path": str(Path(data).resolve()), "env": ds.env,
-                                                       "image_size": ds.image_size, "actions": ds.has_actions}})
+            ckpt.write_config(
+                stage_dir,
+                sc,
+                {
+                    "preset": preset_name,
+                    "links": links.to_json() if links else {},
+                    "precision_used": resolve(sc.train.precision, device),
+                    "data": {
+                        "path": str(Path(data).resolve()),
+                        "env": ds.env,
+                        "image_size": ds.image_size,
+                        "actions": ds.has_actions,
+                    },
+                },
+            )
         if world > 1:
             dist.barrier()
-        sampler = ClipSampler(ds, "train", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed, rank=rank,
-                              world=world)
+        sampler = ClipSampler(
+            ds, "train", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed, rank=rank, world=world
+        )
         if rank == 0 and not quiet:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{stage}: {n / 1e6:.2f}M parameters, preset {preset_name}, {sc.train.steps} steps of "
-                  f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}, "
-                  f"{resolve(sc.train.precision, device)} (precision {sc.train.precision})"
-                  + (f" x {world} ranks" if world > 1 else ""))
+            print(
+                f"{stage}: {n / 1e6:.2f}M parameters, preset {preset_name}, {sc.train.steps} steps of "
+                f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}, "
+                f"{resolve(sc.train.precision, device)} (precision {sc.train.precision})"
+                + (f" x {world} ranks" if world > 1 else "")
+            )
         val = None
         if rank == 0 and len(ds.episodes("val")) and (ds.episodes("val")["length"] >= sc.model.seq_len).any():
             val = ClipSampler(ds, "val", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed)
@@ -124,13 +156,21 @@ def check_resume(stage_dir: Path, stage: str, ds: Dataset, links: Links | None) 
     trained_on = Links.from_json(extra.get("links", {})).fingerprints
     for what, now in links.fingerprints.items():
         if trained_on.get(what) != now:
-            raise UserError(f"{stage_dir} was trained with another {what} (weights {trained_on.get(what)}, now {now}): "
-                            f"restore that {what}, or train the {stage} stage into another --run")
+            raise UserError(
+                f"{stage_dir} was trained with another {what} (weights {trained_on.get(what)}, now {now}): "
+                f"restore that {what}, or train the {stage} stage into another --run"
+            )
     return step
 
 
-def train_stages(stage: str, data: str, run: str, preset: str | None = None, steps: int | None = None,
-                 overrides: list[str] | None = None) -> None:
+def train_stages(
+    stage: str,
+    data: str,
+    run: str,
+    preset: str | None = None,
+    steps: int | None = None,
+    overrides: list[str] | None = None,
+) -> None:
     stages = C.STAGES if stage == "all" else (stage,)
     overrides = overrides or []
     if Path(run).exists() and not Path(run).is_dir():
@@ -145,6 +185,7 @@ def train_stages(stage: str, data: str, run: str, preset: str | None = None, ste
 def _applies(stage: str, override: str) -> bool:
     """Does `--set key=value` concern this stage? (Under `train all` a plain key goes where it fits.)"""
     import dataclasses
+
     parts = override.split("=")[0].strip().split(".")
     if parts[0] in C.STAGES:
         return parts[0] == stage

@@ -20,7 +20,7 @@ class Replay:
     """A recording played back with the interface of a one-environment ProcgenGym3Env."""
 
     def __init__(self, frames: np.ndarray, at: int):
-        self.frames, self.i = frames, at                                     # (L, S, S, 3), frame shown now
+        self.frames, self.i = frames, at  # (L, S, S, 3), frame shown now
 
     def act(self, action) -> None:
         self.i += 1
@@ -45,10 +45,13 @@ class Starts:
             return
         from procgenie.data.store import Dataset
         from procgenie.models import check_data
+
         path = data or wm.data_path
         if path is None or not (Path(path) / "manifest.json").exists():
-            raise UserError(f"{wm.run_dir} learned from recordings ({wm.env}) and starts from their frames, but "
-                            f"its dataset {path} is not there: give --data DIR, the `data import` dataset")
+            raise UserError(
+                f"{wm.run_dir} learned from recordings ({wm.env}) and starts from their frames, but "
+                f"its dataset {path} is not there: give --data DIR, the `data import` dataset"
+            )
         ds = Dataset(path, verify=False)
         check_data(wm.tok_extra, ds, "world model")
         eps = ds.episodes("test")

@@ -14,8 +14,8 @@ import numpy as np
 from procgenie.metrics import camera_shift
 from procgenie.vocab import LEFT, NOOP, RIGHT, UP, start_frames
 
-HELD = {"right": (RIGHT, 0), "left": (LEFT, 0), "jump": (UP, 1)}    # key -> (action, axis: 0 dx, 1 dy)
-MOVED = 2                                                           # pixels: less and the real level "did not move"
+HELD = {"right": (RIGHT, 0), "left": (LEFT, 0), "jump": (UP, 1)}  # key -> (action, axis: 0 dx, 1 dy)
+MOVED = 2  # pixels: less and the real level "did not move"
 
 
 def total_shift(first: np.ndarray, frames: np.ndarray) -> np.ndarray:
@@ -39,15 +39,17 @@ def held_keys(wm, levels: list[int], context: int, frames: int = 10, seed: int =
             env.close()
             ctx.append(c)
             real.append(np.stack(seen))
-        ctx, real = np.stack(ctx), np.stack(real)                         # (K, C, ...), (K, H, ...)
+        ctx, real = np.stack(ctx), np.stack(real)  # (K, C, ...), (K, H, ...)
         keys = np.full((len(levels), frames), action)
         dream = wm.play(ctx, keys, seed=seed, context_keys=np.full((len(levels), context - 1), NOOP))
         r, d = total_shift(ctx[:, -1], real)[:, axis], total_shift(ctx[:, -1], dream)[:, axis]
         moved = np.abs(r) >= MOVED
-        out[name] = {"real_shift_px": float(r.mean()), "dream_shift_px": float(d.mean()),
-                     "levels_moved": int(moved.sum()),
-                     "same_direction": float((np.sign(d[moved]) == np.sign(r[moved])).mean()) if moved.any() else
-                     None}  # JSON has no NaN: no level moved, nothing to compare
+        out[name] = {
+            "real_shift_px": float(r.mean()),
+            "dream_shift_px": float(d.mean()),
+            "levels_moved": int(moved.sum()),
+            "same_direction": float((np.sign(d[moved]) == np.sign(r[moved])).mean()) if moved.any() else None,
+        }  # JSON has no NaN: no level moved, nothing to compare
     return out
 
 
@@ -58,8 +60,14 @@ def held_latents(wm, context: np.ndarray, frames: int = 10, seed: int = 0) -> tu
     out, first = [], []
     for k in range(wm.num_latent_actions):
         dream = wm.generate(context, np.full((len(context), frames), k), seed=seed)
-        shift = total_shift(context[:, -1], dream)                          # (K, 2)
-        out.append({"latent": k, "dx_px": float(shift[:, 0].mean()), "dy_px": float(shift[:, 1].mean()),
-                    "moved_px": float(np.abs(shift).sum(1).mean())})
+        shift = total_shift(context[:, -1], dream)  # (K, 2)
+        out.append(
+            {
+                "latent": k,
+                "dx_px": float(shift[:, 0].mean()),
+                "dy_px": float(shift[:, 1].mean()),
+                "moved_px": float(np.abs(shift).sum(1).mean()),
+            }
+        )
         first.append(dream[0])
     return out, np.stack(first)

@@ -51,4 +51,4 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, seconds: float)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     times = time_calls(lambda: a @ b, device, min(0.2, seconds / 4), 1)  # warm-up: kernel choice, clocks
     times = time_calls(lambda: a @ b, device, seconds, 3)
-    return 2 * n ** 3 * len(times) / sum(times), n
+    return 2 * n**3 * len(times) / sum(times), n

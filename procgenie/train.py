@@ -61,6 +61,7 @@ def set_act_ckpt(model: torch.nn.Module, on: bool) -> None:
 
 # -- the loop ----------------------------------------------------------------------------------
 
+
 def lr_at(step: int, t: C.TrainConfig) -> float:
     """Linear warmup to t.lr, then cosine decay to t.lr * t.min_lr_frac at t.steps."""
     if step < t.warmup:
@@ -70,12 +71,22 @@ def lr_at(step: int, t: C.TrainConfig) -> float:
 
 
 def make_optimizer(model: StageModel, t: C.TrainConfig, device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.decay_groups(t.weight_decay), lr=t.lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        model.decay_groups(t.weight_decay), lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
 
 
-def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_dir: Path, device,
-        rank: int = 0, world: int = 1, quiet: bool = False, val: ClipSampler | None = None) -> dict:
+def fit(
+    model: torch.nn.Module,
+    sc: C.StageConfig,
+    sampler: ClipSampler,
+    stage_dir: Path,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    quiet: bool = False,
+    val: ClipSampler | None = None,
+) -> dict:
     """Train `model` to sc.train.steps, resuming from stage_dir/state.safetensors if there is one; at every
     checkpoint, the loss on `val` (the val split's clips, where there are any) goes into val.jsonl."""
     t = sc.train
@@ -99,8 +110,9 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
         # copies it into its bucket at no real cost but warns on every step.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         # Gradients as views into the all-reduce buckets: no copy in or out of them.
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None, gradient_as_bucket_view=True)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
     if t.compile:
         net = torch.compile(net)
     log = open(stage_dir / "log.jsonl", "a") if rank == 0 else None
@@ -114,14 +126,16 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
     stop = StopSignals()
     try:
         stop.__enter__()
-        for step, batch in enumerate(batches(sampler, start, t.steps, workers=t.workers,
-                                             pin_memory=device.type == "cuda"), start):
+        for step, batch in enumerate(
+            batches(sampler, start, t.steps, workers=t.workers, pin_memory=device.type == "cuda"), start
+        ):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, t)
             metrics = train_step(net, model, opt, batch, t, device, step, rank)
             # A non-finite gradient norm has already spoilt the weights, even where the loss was finite.
-            if not finite_everywhere(math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("grad_norm", 0.0)),
-                                      device):
+            if not finite_everywhere(
+                math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("grad_norm", 0.0)), device
+            ):
                 raise _diverged(sc.stage, step, saved, t)
             bar.update(1)
             done = step + 1
@@ -131,8 +145,11 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
                 tic, tic_step = time.perf_counter(), done
                 last = {"step": done, "lr": lr_at(step, t), "frames_per_s": fps, **metrics}
                 if rank == 0:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "psnr", "acc")}
-                                    | {"fps": f"{fps:.0f}"}, refresh=False)
+                    bar.set_postfix(
+                        {k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "psnr", "acc")}
+                        | {"fps": f"{fps:.0f}"},
+                        refresh=False,
+                    )
                     log.write(json.dumps({"time": time.time(), **last}) + "\n")
                     log.flush()
                     for k, v in last.items():
@@ -154,8 +171,11 @@ def fit(model: torch.nn.Module, sc: C.StageConfig, sampler: ClipSampler, stage_d
                 if saved != done:
                     _checkpoint(model, opt, done, stage_dir, rank)
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
-                raise Stopped(f"stopped by {name} at step {done} of {t.steps}; checkpoint saved in {stage_dir}: "
-                              "rerun the same command to resume", 128 + (stop.signum or signal.SIGTERM))
+                raise Stopped(
+                    f"stopped by {name} at step {done} of {t.steps}; checkpoint saved in {stage_dir}: "
+                    "rerun the same command to resume",
+                    128 + (stop.signum or signal.SIGTERM),
+                )
     finally:
         stop.__exit__()
         bar.close()
@@ -178,10 +198,10 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
     micro = max(1, n // t.grad_accum)
     totals: dict[str, float] = {}
     for i in range(t.grad_accum):
-        part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
+        part = {k: v[i * micro : (i + 1) * micro] for k, v in batch.items()}
         torch.manual_seed(chunk_seed(t.seed, step, rank * t.grad_accum + i))
         sync = i == t.grad_accum - 1 or not hasattr(net, "no_sync")
-        with (nullcontext() if sync else net.no_sync()), autocast(device, resolve(t.precision, device)):
+        with nullcontext() if sync else net.no_sync(), autocast(device, resolve(t.precision, device)):
             loss, metrics = net(part)
         (loss / t.grad_accum).backward()
         # float() here rather than .item() in the model: metrics may come back as tensors, which keeps a
@@ -196,8 +216,9 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, val: ClipSampler, t: C.TrainConfig, device, batches: int = VAL_BATCHES
-                    ) -> float:
+def validation_loss(
+    model: torch.nn.Module, val: ClipSampler, t: C.TrainConfig, device, batches: int = VAL_BATCHES
+) -> float:
     """The mean loss over the same `batches` val-split batches every time (masks seeded alike). Training's own
     random numbers are not disturbed: each training step seeds them itself."""
     model.eval()
@@ -213,8 +234,10 @@ def validation_loss(model: torch.nn.Module, val: ClipSampler, t: C.TrainConfig, 
 
 def _diverged(stage: str, step: int, saved: int, t: C.TrainConfig) -> UserError:
     kept = f"the checkpoint of step {saved} is kept" if saved else "nothing was checkpointed"
-    return UserError(f"{stage}: the loss became non-finite at step {step}; {kept}: lower the learning rate "
-                     f"(--set lr={t.lr / 3:.2g}) and train into another --run")
+    return UserError(
+        f"{stage}: the loss became non-finite at step {step}; {kept}: lower the learning rate "
+        f"(--set lr={t.lr / 3:.2g}) and train into another --run"
+    )
 
 
 def _checkpoint(model, opt, step: int, stage_dir: Path, rank: int) -> None:

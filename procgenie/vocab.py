@@ -12,15 +12,46 @@ import io
 
 import numpy as np
 
-PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
-ACTION_NAMES = ("left-down", "left", "left-up", "down", "noop", "up", "right-down", "right", "right-up",
-                "d", "a", "w", "s", "q", "e")
-NUM_ACTIONS = len(ACTION_NAMES)                   # 15
-MOVES = ACTION_NAMES[:9]                          # the actions that do something in CoinRun
+PROCGEN_GAMES = (
+    "bigfish",
+    "bossfight",
+    "caveflyer",
+    "chaser",
+    "climber",
+    "coinrun",
+    "dodgeball",
+    "fruitbot",
+    "heist",
+    "jumper",
+    "leaper",
+    "maze",
+    "miner",
+    "ninja",
+    "plunder",
+    "starpilot",
+)
+ACTION_NAMES = (
+    "left-down",
+    "left",
+    "left-up",
+    "down",
+    "noop",
+    "up",
+    "right-down",
+    "right",
+    "right-up",
+    "d",
+    "a",
+    "w",
+    "s",
+    "q",
+    "e",
+)
+NUM_ACTIONS = len(ACTION_NAMES)  # 15
+MOVES = ACTION_NAMES[:9]  # the actions that do something in CoinRun
 LEFT_DOWN, LEFT, LEFT_UP, DOWN, NOOP, UP, RIGHT_DOWN, RIGHT, RIGHT_UP = range(9)
 ALIASES = {"jump": UP, "left-jump": LEFT_UP, "right-jump": RIGHT_UP}
-ACTION_IDS = {**{n: i for i, n in enumerate(MOVES)}, **ALIASES}   # names a user may write
+ACTION_IDS = {**{n: i for i, n in enumerate(MOVES)}, **ALIASES}  # names a user may write
 
 
 def key_action(left: bool, right: bool, up: bool, down: bool) -> int:
@@ -55,8 +86,15 @@ def make_env(env: str, num: int, start_level: int, num_levels: int, seed: int, d
     """A ProcgenGym3Env pinned to a level range (quietly: gym prints a deprecation notice on import)."""
     with contextlib.redirect_stderr(io.StringIO()):
         from procgen import ProcgenGym3Env
-    return ProcgenGym3Env(num=num, env_name=env, start_level=start_level, num_levels=num_levels,
-                          rand_seed=seed, distribution_mode=distribution_mode, num_threads=0)
+    return ProcgenGym3Env(
+        num=num,
+        env_name=env,
+        start_level=start_level,
+        num_levels=num_levels,
+        rand_seed=seed,
+        distribution_mode=distribution_mode,
+        num_threads=0,
+    )
 
 
 def start_frames(level: int, frames: int, env_name: str = "coinrun", seed: int = 0):
@@ -65,6 +103,7 @@ def start_frames(level: int, frames: int, env_name: str = "coinrun", seed: int =
     Returns (env, frames); the env is left at the last of them, so play can go on from there.
     """
     from procgenie.errors import UserError
+
     if not 0 <= level < 2**31 - 1:
         raise UserError(f"a level seed lies in 0..{2**31 - 2}, got {level}")
     env = make_env(env_name, 1, start_level=level, num_levels=1, seed=seed)

@@ -31,7 +31,7 @@ def _frames_in(frames, size: int, name: str, min_t: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.require(a, requirements=["C", "W"]))
 
 
-PLAY_MASKGIT_STEPS = 2      # at most this many MaskGIT rounds per played frame for a model that samples its codes
+PLAY_MASKGIT_STEPS = 2  # at most this many MaskGIT rounds per played frame for a model that samples its codes
 DYNAMICS_FOLDERS = {"latent": "dynamics", "real": "dynamics-real"}
 
 
@@ -47,18 +47,22 @@ class WorldModel:
         self.device = pick_device(device)
         self.tokenizer, self.tok_cfg, self.tok_extra = load_stage(self.run_dir, "tokenizer", self.device)
         self.lam, self.lam_cfg, _ = load_stage(self.run_dir, "lam", self.device)
-        self._dynamics = {}                                               # kind -> (model, config)
+        self._dynamics = {}  # kind -> (model, config)
         for kind, folder in DYNAMICS_FOLDERS.items():
             if (self.run_dir / folder / "config.json").exists():
                 model, sc, extra = load_stage(self.run_dir, "dynamics", self.device, folder)
                 check_links(self.run_dir, extra)
                 self._dynamics[kind] = (model, sc)
         if not self._dynamics:
-            raise UserError(f"{self.run_dir} has no trained dynamics model: train it with `procgenie train dynamics "
-                            f"--data DIR --run {self.run_dir}`")
+            raise UserError(
+                f"{self.run_dir} has no trained dynamics model: train it with `procgenie train dynamics "
+                f"--data DIR --run {self.run_dir}`"
+            )
         if actions is not None and actions not in self._dynamics:
-            raise UserError(f"{self.run_dir} has no dynamics model on {actions} actions (no "
-                            f"{DYNAMICS_FOLDERS.get(actions, actions)}/): choose one of {', '.join(self._dynamics)}")
+            raise UserError(
+                f"{self.run_dir} has no dynamics model on {actions} actions (no "
+                f"{DYNAMICS_FOLDERS.get(actions, actions)}/): choose one of {', '.join(self._dynamics)}"
+            )
         kind = actions or ("latent" if "latent" in self._dynamics else "real")
         self.dynamics, self.dyn_cfg = self._dynamics[kind]
         self.play_kind = "real" if "real" in self._dynamics else "latent"
@@ -77,12 +81,18 @@ class WorldModel:
         usage = read_latent_usage(self.run_dir)
         # The latent a player gets with no key held: no-op's where keys map to latents, else the LAM's most
         # frequent one (what usually happens next in the recordings).
-        self.idle_latent = (int(self._action_map[NOOP]) if self._action_map is not None
-                            else int(np.argmax(usage)) if usage is not None else 0)
+        self.idle_latent = (
+            int(self._action_map[NOOP])
+            if self._action_map is not None
+            else int(np.argmax(usage))
+            if usage is not None
+            else 0
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device=None, precision: str = "auto",
-                        actions: str | None = None) -> "WorldModel":
+    def from_pretrained(
+        cls, path: str | Path | None = None, device=None, precision: str = "auto", actions: str | None = None
+    ) -> "WorldModel":
         """The run at `path` (default: the bundled model). precision: 'auto' (bf16 only where this device
         computes it faster than fp32), 'bf16' or 'fp32'. actions: which dynamics model `generate` drives,
         'latent' or 'real' (default: latent where the run has it)."""
@@ -173,12 +183,19 @@ class WorldModel:
         outs = []
         with self.compute_precision():
             for i in range(0, len(tensors[0]), size):
-                outs.append(fn(*(t[i:i + size].to(self.device) for t in tensors)))
+                outs.append(fn(*(t[i : i + size].to(self.device) for t in tensors)))
         return np.concatenate(outs)
 
     @torch.no_grad()
-    def generate(self, context, actions, steps: int | None = None, temperature: float | None = None,
-                 seed: int | None = None, context_actions=None) -> np.ndarray:
+    def generate(
+        self,
+        context,
+        actions,
+        steps: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        context_actions=None,
+    ) -> np.ndarray:
         """The H frames that follow `context` (uint8 (B, C, H, W, 3)) under `actions` (int64 (B, H)) of
         `action_kind`: latent actions, or Procgen's actions 0..14 for a model on real actions.
 
@@ -191,8 +208,12 @@ class WorldModel:
         acts = self._actions_in(actions, f"{self.action_kind} actions", self.num_actions, ctx.shape[0])
         if context_actions is not None:
             context_actions = self._context_in(context_actions, self.num_actions, ctx)
-        return self._run(Session(self, ctx.numpy(), steps=steps, temperature=temperature, seed=seed,
-                                 context_actions=context_actions), acts)
+        return self._run(
+            Session(
+                self, ctx.numpy(), steps=steps, temperature=temperature, seed=seed, context_actions=context_actions
+            ),
+            acts,
+        )
 
     @torch.no_grad()
     def play(self, context, keys, seed: int | None = None, context_keys=None, steps: int | None = None) -> np.ndarray:
@@ -219,8 +240,10 @@ class WorldModel:
     def key_for_latent(self, latent: int) -> int:
         """The Procgen action (0..8) that the training data shows most often with this latent action."""
         if self._latent_to_real is None:
-            raise UserError(f"{self.run_dir} has no map between keys and latent actions (its data held no actions, "
-                            "or lam/action_map.json is missing)")
+            raise UserError(
+                f"{self.run_dir} has no map between keys and latent actions (its data held no actions, "
+                "or lam/action_map.json is missing)"
+            )
         return int(self._latent_to_real[int(latent)])
 
     def latent_for_real_action(self, real_action: int) -> int:
@@ -228,8 +251,10 @@ class WorldModel:
         if not 0 <= int(real_action) < NUM_ACTIONS:
             raise UserError(f"a Procgen action lies in 0..{NUM_ACTIONS - 1}, got {real_action}")
         if self._action_map is None:
-            raise UserError(f"{self.run_dir} has no map from keys to latent actions (its data held no actions, or "
-                            "lam/action_map.json is missing): give latent actions 0..K-1")
+            raise UserError(
+                f"{self.run_dir} has no map from keys to latent actions (its data held no actions, or "
+                "lam/action_map.json is missing): give latent actions 0..K-1"
+            )
         return int(self._action_map[int(real_action)])
 
     # -- shared -----------------------------------------------------------------------------------
@@ -246,8 +271,10 @@ class WorldModel:
     def _context_in(actions, count: int, ctx: torch.Tensor) -> np.ndarray:
         a = WorldModel._actions_in(actions, "context actions", count, ctx.shape[0])
         if a.shape[1] != ctx.shape[1] - 1:
-            raise UserError(f"context actions must be the C-1={ctx.shape[1] - 1} actions between the context "
-                            f"frames, got {a.shape[1]}")
+            raise UserError(
+                f"context actions must be the C-1={ctx.shape[1] - 1} actions between the context "
+                f"frames, got {a.shape[1]}"
+            )
         return a
 
     @staticmethod
@@ -259,5 +286,11 @@ class WorldModel:
     def play_session(self, context: np.ndarray, context_keys=None, steps: int | None = None, seed=None) -> Session:
         """The incremental form of `play` that the server steps one frame at a time: with Procgen actions
         (B,) where `play_kind` is 'real', else with latent actions."""
-        return Session(self, context, steps=self.play_steps(steps), seed=seed, dynamics=self.play_dynamics,
-                       context_actions=context_keys if self.play_kind == "real" else None)
+        return Session(
+            self,
+            context,
+            steps=self.play_steps(steps),
+            seed=seed,
+            dynamics=self.play_dynamics,
+            context_actions=context_keys if self.play_kind == "real" else None,
+        )

@@ -9,6 +9,7 @@ one and two DataLoader workers. Reads of a sparse file cost no disk time, so thi
 with the dataset (index, shard count, memory maps), not the disk; docs/benchmarks.md has the disk's part.
 Delete DIR afterwards.
 """
+
 import json
 import sys
 import time
@@ -37,16 +38,42 @@ while done < total:
     firsts = np.zeros(n, bool)
     firsts[::episode] = True
     episodes = int(firsts.sum())
-    _save_npz(str(root / "shards" / f"{name}.steps.npz"), {
-        "actions": rng.integers(0, 15, n).astype(np.uint8), "rewards": np.zeros(n, np.float32), "firsts": firsts,
-        # train-split seeds only (seed % 20 >= 2), one per episode
-        "level_seeds": np.repeat(20 * np.arange(i * 1000, i * 1000 + episodes) + 2, episode)[:n].astype(np.int64),
-        "truncated": np.zeros(episodes, bool)})
-    records.append({"name": name, "split": "train", "frames": n, "episodes": episodes, "shape": [64, 64, 3],
-                    "sha256": {"frames": "not-computed", "steps": "not-computed"}})
+    _save_npz(
+        str(root / "shards" / f"{name}.steps.npz"),
+        {
+            "actions": rng.integers(0, 15, n).astype(np.uint8),
+            "rewards": np.zeros(n, np.float32),
+            "firsts": firsts,
+            # train-split seeds only (seed % 20 >= 2), one per episode
+            "level_seeds": np.repeat(20 * np.arange(i * 1000, i * 1000 + episodes) + 2, episode)[:n].astype(np.int64),
+            "truncated": np.zeros(episodes, bool),
+        },
+    )
+    records.append(
+        {
+            "name": name,
+            "split": "train",
+            "frames": n,
+            "episodes": episodes,
+            "shape": [64, 64, 3],
+            "sha256": {"frames": "not-computed", "steps": "not-computed"},
+        }
+    )
     done, i = done + n, i + 1
-write_manifest(root, {"format": "procgenie-dataset", "version": 1, "env": "coinrun", "image_size": 64,
-                      "num_actions": 15, "split_rule": SPLIT_RULE, "collect": {}, "sessions": 1, "shards": records})
+write_manifest(
+    root,
+    {
+        "format": "procgenie-dataset",
+        "version": 1,
+        "env": "coinrun",
+        "image_size": 64,
+        "num_actions": 15,
+        "split_rule": SPLIT_RULE,
+        "collect": {},
+        "sessions": 1,
+        "shards": records,
+    },
+)
 print(f"wrote {total:,} frames in {len(records)} shards in {time.perf_counter() - t0:.1f} s")
 
 t0 = time.perf_counter()
@@ -57,6 +84,8 @@ results = {}
 for workers in (0, 1, 2):
     r = loader_frames_per_s(str(root), 8, 16, seconds=seconds, workers=workers)
     results[workers] = r
-    print(f"workers={workers}: {r['batch_ms']:.2f} ms/batch, {r['frames_per_s']:,.0f} frames/s over "
-          f"{r['frames']:,} frames")
+    print(
+        f"workers={workers}: {r['batch_ms']:.2f} ms/batch, {r['frames_per_s']:,.0f} frames/s over "
+        f"{r['frames']:,} frames"
+    )
 print(json.dumps(results))

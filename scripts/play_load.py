@@ -82,8 +82,12 @@ async def player(http, url: str, seconds: float | None = None, frames: int | Non
 
 def summary(times: list[float]) -> dict:
     gaps = np.diff(times[5:]) * 1000  # past the first frames (session start)
-    return {"frames": len(times), "fps": len(gaps) / (gaps.sum() / 1000),
-            "interval_ms_p50": float(np.percentile(gaps, 50)), "interval_ms_p95": float(np.percentile(gaps, 95))}
+    return {
+        "frames": len(times),
+        "fps": len(gaps) / (gaps.sum() / 1000),
+        "interval_ms_p50": float(np.percentile(gaps, 50)),
+        "interval_ms_p95": float(np.percentile(gaps, 95)),
+    }
 
 
 async def crowd(url: str, n: int, seconds: float) -> list[dict]:
@@ -132,8 +136,11 @@ def main() -> None:
         for n in (1, 2, 4):
             out[f"players_{n}"] = asyncio.run(crowd(url, n, a.seconds))
             per = out[f"players_{n}"]
-            print(f"{n} player(s): " + ", ".join(f"{r['fps']:.1f} fps (p95 interval {r['interval_ms_p95']:.0f} ms)"
-                                                 for r in per), flush=True)
+            print(
+                f"{n} player(s): "
+                + ", ".join(f"{r['fps']:.1f} fps (p95 interval {r['interval_ms_p95']:.0f} ms)" for r in per),
+                flush=True,
+            )
         out["fifth_player"] = asyncio.run(fifth(url))
         print(f"fifth player: {out['fifth_player']}", flush=True)
     finally:

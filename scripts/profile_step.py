@@ -2,6 +2,7 @@
 
 Usage: python scripts/profile_step.py PRESET STAGE [KEY=VALUE ...]   (KEY=VALUE as `train --set`)
 """
+
 import sys
 import time
 
@@ -32,7 +33,7 @@ with profile(activities=acts) as prof:
     for _ in range(2):
         train_step(model, model, opt, batch, t, dev)
     _sync(dev)
-for key in (["self_device_time_total", "self_cuda_time_total"] if dev.type == "cuda" else ["self_cpu_time_total"]):
+for key in ["self_device_time_total", "self_cuda_time_total"] if dev.type == "cuda" else ["self_cpu_time_total"]:
     try:
         print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
         break

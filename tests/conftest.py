@@ -27,15 +27,29 @@ def write_synthetic(root: Path, lengths: list[int], seeds: list[int] | None = No
         frames = np.zeros((n, size, size, 3), np.uint8)
         frames[:, 0, 0, 0] = e
         frames[:, 0, 0, 1] = np.arange(n)
-        by_split[store.split_of(seed)].append({
-            "frames": frames, "actions": (e + np.arange(n)) % 15, "rewards": np.zeros(n),
-            "level_seed": seed, "truncated": False})
-    manifest = {"format": store.FORMAT, "version": store.VERSION, "env": "coinrun", "image_size": size,
-                "num_actions": 15, "split_rule": store.SPLIT_RULE, "sessions": 1,
-                "collect": {"policy": "synthetic", "seed": 0}, "shards": []}
+        by_split[store.split_of(seed)].append(
+            {
+                "frames": frames,
+                "actions": (e + np.arange(n)) % 15,
+                "rewards": np.zeros(n),
+                "level_seed": seed,
+                "truncated": False,
+            }
+        )
+    manifest = {
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "env": "coinrun",
+        "image_size": size,
+        "num_actions": 15,
+        "split_rule": store.SPLIT_RULE,
+        "sessions": 1,
+        "collect": {"policy": "synthetic", "seed": 0},
+        "shards": [],
+    }
     for split, eps in by_split.items():
         for k in range(0, len(eps), 3):  # three episodes a shard: clips must not cross shards either
-            manifest["shards"].append(shards.write_shard(root, f"{split}-s000-w00-{k:05d}", split, eps[k:k + 3]))
+            manifest["shards"].append(shards.write_shard(root, f"{split}-s000-w00-{k:05d}", split, eps[k : k + 3]))
     store.write_manifest(root, manifest)
     return root
 
@@ -50,8 +64,23 @@ def coinrun_data(tmp_path_factory) -> Path:
     """A small real CoinRun dataset (explorer play), shared by the tests of a session."""
     out = tmp_path_factory.mktemp("coinrun") / "data"
     # Ten levels: level 0 is the test split, level 1 val, so every split is there.
-    run_cli("collect", "--out", str(out), "--episodes", "48", "--policy", "mixed", "--max-steps", "60",
-            "--num-levels", "10", "--shard-frames", "512", "--envs", "8")
+    run_cli(
+        "collect",
+        "--out",
+        str(out),
+        "--episodes",
+        "48",
+        "--policy",
+        "mixed",
+        "--max-steps",
+        "60",
+        "--num-levels",
+        "10",
+        "--shard-frames",
+        "512",
+        "--envs",
+        "8",
+    )
     return out
 
 
@@ -68,15 +97,26 @@ def both_run(tiny_run, coinrun_data, tmp_path_factory):
     """The tiny run plus a dynamics model on real actions, trained beside the latent one by the same command."""
     run = tmp_path_factory.mktemp("both") / "run"
     shutil.copytree(tiny_run, run)
-    run_cli("train", "dynamics", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny",
-            "--set", "actions=real", "--set", "workers=0")
+    run_cli(
+        "train",
+        "dynamics",
+        "--data",
+        str(coinrun_data),
+        "--run",
+        str(run),
+        "--preset",
+        "tiny",
+        "--set",
+        "actions=real",
+        "--set",
+        "workers=0",
+    )
     return run
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m procgenie ARGS` as a user would, capturing its output."""
-    proc = subprocess.run([sys.executable, "-m", "procgenie", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "procgenie", *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"procgenie {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -87,8 +127,13 @@ def serve_play_page(args: list[str], cwd) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "procgenie", *args, "--port", str(port)], cwd=cwd,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "procgenie", *args, "--port", str(port)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while True:

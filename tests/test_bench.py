@@ -23,9 +23,26 @@ def test_bench_writes_the_spec_schema_with_positive_finite_figures(tiny_run, tmp
     out = tmp_path / "bench.json"
     # One thread: the test suite may share the machine, and OpenMP threads that wait for each other on
     # busy cores turn milliseconds into seconds.
-    proc = subprocess.run([sys.executable, "-m", "procgenie", "bench", "--preset", "tiny", "--checkpoint",
-                           str(tiny_run), "--seconds", "1", "--json", str(out)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "procgenie",
+            "bench",
+            "--preset",
+            "tiny",
+            "--checkpoint",
+            str(tiny_run),
+            "--seconds",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
     assert isinstance(r["device"], str) and r["device"].startswith("cpu")
@@ -34,19 +51,36 @@ def test_bench_writes_the_spec_schema_with_positive_finite_figures(tiny_run, tmp
     for key in ("matmul_peak_share", "play_fps", "play_latency_ms_p50", "play_latency_ms_p95"):
         assert _positive(r[key]), key
     assert r["play_latency_ms_p50"] <= r["play_latency_ms_p95"]
-    assert r["play_maskgit_steps"] == 2                       # the tiny dynamics config's default
+    assert r["play_maskgit_steps"] == 2  # the tiny dynamics config's default
     assert "frames/s" in proc.stdout and "dynamics" in proc.stdout and "timing" in proc.stderr
-    assert not list(tmp_path.glob(".*.tmp"))                  # written atomically
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
 
 
 def test_without_a_model_play_is_reported_as_not_measured(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "PRETRAINED", tmp_path / "no-bundle")   # an install without the bundle
+    monkeypatch.setattr(checkpoint, "PRETRAINED", tmp_path / "no-bundle")  # an install without the bundle
     wm, note = load_world(None, torch.device("cpu"))
     assert wm is None and note.startswith("not measured")
-    r = {"device": "cpu: x", "torch": "2", "precision": "bf16", "preset": "tiny", "matmul_flops_per_s": 1e9,
-         "matmul_size": 2048, "train": {"dynamics": {"frames_per_s": 1.0, "step_ms": 1.0, "batch_size": 4,
-                                                     "seq_len": 4, "flops_per_step": 1e6, "flops_per_s": 1e9}},
-         "train_peak_share": {"dynamics": 1.0}, "play_fps": None, "play_note": note}
+    r = {
+        "device": "cpu: x",
+        "torch": "2",
+        "precision": "bf16",
+        "preset": "tiny",
+        "matmul_flops_per_s": 1e9,
+        "matmul_size": 2048,
+        "train": {
+            "dynamics": {
+                "frames_per_s": 1.0,
+                "step_ms": 1.0,
+                "batch_size": 4,
+                "seq_len": 4,
+                "flops_per_step": 1e6,
+                "flops_per_s": 1e9,
+            }
+        },
+        "train_peak_share": {"dynamics": 1.0},
+        "play_fps": None,
+        "play_note": note,
+    }
     assert note in table(r)
 
 
@@ -84,6 +118,7 @@ def test_flops_are_the_models_whatever_the_batch_and_without_checkpoint_recomput
     """The FLOP count is taken on a slice and scaled, and activation checkpointing's second forward is not in it."""
     from procgenie import config as C
     from procgenie.overrides import apply_overrides
+
     counts = {}
     for batch, ckpt in ((2, False), (4, False), (4, True)):
         stages = C.preset("tiny")

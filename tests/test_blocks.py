@@ -31,7 +31,7 @@ def test_temporal_attention_is_causal(t):
     x2 = x.clone()
     x2[:, t + 1] += torch.randn_like(x2[:, t + 1])  # change frame t+1
     y2 = m(x2)
-    assert torch.allclose(y[:, :t + 1], y2[:, :t + 1], atol=1e-6)  # frames <= t: untouched
+    assert torch.allclose(y[:, : t + 1], y2[:, : t + 1], atol=1e-6)  # frames <= t: untouched
     assert not torch.allclose(y[:, t + 1], y2[:, t + 1])
 
 
@@ -39,11 +39,11 @@ def test_kv_cache_gives_the_same_frames_as_a_full_pass():
     torch.manual_seed(0)
     m = STTransformer(32, 2, 2, tokens=6).eval()
     x = torch.randn(1, 7, 6, 32)
-    full = m(x, tmask=window_mask(7, 4, x.device))           # a 4-frame window, as a cache of 3 keeps
+    full = m(x, tmask=window_mask(7, 4, x.device))  # a 4-frame window, as a cache of 3 keeps
     caches = m.new_caches(max_len=3)
     out = [m(x[:, :2], pos=torch.arange(2), caches=caches, commit=True)]
     for t in range(2, 7):
-        out.append(m(x[:, t:t + 1], pos=torch.tensor([t]), caches=caches, commit=True))
+        out.append(m(x[:, t : t + 1], pos=torch.tensor([t]), caches=caches, commit=True))
     assert torch.allclose(torch.cat(out, 1), full, atol=1e-5)
 
 
@@ -64,9 +64,9 @@ def test_vq_dead_code_reset_revives_unused_codes():
     torch.manual_seed(0)
     vq = VectorQuantizer(16, 8, reset_after=0.5, decay=0.5).train()
     m = torch.nn.functional.normalize(torch.ones(8), dim=0)
-    data = 10 * m + torch.randn(4096, 8)             # all on one side of the sphere
+    data = 10 * m + torch.randn(4096, 8)  # all on one side of the sphere
     vq.codebook.data[:] = -m + 0.01 * torch.randn(16, 8)  # codes on the far side...
-    vq.codebook.data[0] = m                          # ...but for one that takes everything
+    vq.codebook.data[0] = m  # ...but for one that takes everything
     before = usage(vq.eval()(data).codes, 16)["codes_used"]
     vq.train()
     for _ in range(20):

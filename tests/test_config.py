@@ -41,16 +41,19 @@ def test_stage_prefixed_keys_pick_one_stage_under_all():
     assert s["tokenizer"].train.steps == 9
 
 
-@pytest.mark.parametrize("item, words", [
-    ("nosuchkey=1", "unknown --set key 'nosuchkey'"),
-    ("width=wide", "expected an integer"),
-    ("lr=nan", "expected a finite number"),
-    ("deterministic=maybe", "expected true or false"),
-    ("precision=fp16", "train.precision must be auto, bf16 or fp32"),
-    ("width", "key=value"),
-    ("heads=3", "divisible by heads"),
-    ("quantizer=pq", "'fsq' or 'vq'"),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("nosuchkey=1", "unknown --set key 'nosuchkey'"),
+        ("width=wide", "expected an integer"),
+        ("lr=nan", "expected a finite number"),
+        ("deterministic=maybe", "expected true or false"),
+        ("precision=fp16", "train.precision must be auto, bf16 or fp32"),
+        ("width", "key=value"),
+        ("heads=3", "divisible by heads"),
+        ("quantizer=pq", "'fsq' or 'vq'"),
+    ],
+)
 def test_bad_overrides_are_one_line_errors(item, words):
     with pytest.raises(UserError) as e:
         O.apply_overrides(C.preset("cpu"), [item], ("tokenizer",))

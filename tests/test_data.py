@@ -18,8 +18,25 @@ from procgenie.errors import UserError
 
 def test_collect_writes_a_dataset_with_disjoint_pinned_level_splits(tmp_path):
     out = tmp_path / "d"
-    proc = run_cli("collect", "--out", str(out), "--episodes", "40", "--policy", "explorer", "--start-level", "1000",
-                   "--num-levels", "200", "--max-steps", "50", "--shard-frames", "300", "--envs", "8")
+    proc = run_cli(
+        "collect",
+        "--out",
+        str(out),
+        "--episodes",
+        "40",
+        "--policy",
+        "explorer",
+        "--start-level",
+        "1000",
+        "--num-levels",
+        "200",
+        "--max-steps",
+        "50",
+        "--shard-frames",
+        "300",
+        "--envs",
+        "8",
+    )
     assert "frames/s" in proc.stdout
     ds = store.Dataset(out, verify=True)
     eps = ds.episodes()
@@ -63,8 +80,24 @@ def test_more_episodes_extend_a_dataset(tmp_path):
 @pytest.mark.slow
 def test_collect_killed_mid_run_resumes_without_losing_or_doubling_episodes(tmp_path):
     out = tmp_path / "d"
-    args = [sys.executable, "-m", "procgenie", "collect", "--out", str(out), "--episodes", "300",
-            "--policy", "random", "--max-steps", "100", "--shard-frames", "200", "--envs", "8"]
+    args = [
+        sys.executable,
+        "-m",
+        "procgenie",
+        "collect",
+        "--out",
+        str(out),
+        "--episodes",
+        "300",
+        "--policy",
+        "random",
+        "--max-steps",
+        "100",
+        "--shard-frames",
+        "200",
+        "--envs",
+        "8",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once a few shards are recorded, mid-write most likely
@@ -79,7 +112,7 @@ def test_collect_killed_mid_run_resumes_without_losing_or_doubling_episodes(tmp_
     subprocess.run(args, check=True, capture_output=True)
     assert run_cli("data", "validate", str(out)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["shards"][:len(recorded)] == recorded  # what was counted stays, unchanged
+    assert manifest["shards"][: len(recorded)] == recorded  # what was counted stays, unchanged
     assert sum(s["episodes"] for s in manifest["shards"]) == 300
     on_disk = {p.name.split(".")[0] for p in (out / "shards").iterdir()}
     assert on_disk == {s["name"] for s in manifest["shards"]}  # no orphans left behind
@@ -120,8 +153,8 @@ def test_clips_stay_inside_one_episode_and_actions_align(synthetic, seq_len):
         frames, actions = b["frames"].numpy(), b["actions"].numpy()
         assert frames.shape == (64, seq_len, 64, 64, 3) and actions.shape == (64, seq_len - 1)
         ep, t = frames[:, :, 0, 0, 0].astype(int), frames[:, :, 0, 0, 1].astype(int)
-        assert (ep == ep[:, :1]).all()                      # one episode per clip
-        assert (np.diff(t, axis=1) == 1).all()              # consecutive frames
+        assert (ep == ep[:, :1]).all()  # one episode per clip
+        assert (np.diff(t, axis=1) == 1).all()  # consecutive frames
         assert (actions == (ep[:, :-1] + t[:, :-1]) % 15).all()  # action t is taken at frame t
         seen |= set(ep[:, 0].tolist())
     lengths = [5, 9, 3, 12, 7, 30, 6]

@@ -22,12 +22,22 @@ RTOL = 1e-5  # fp32 with another summation order: ~1e-7 measured
 def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m procgenie -- ARGS` with one thread per rank."""
     # `--` ends torchrun's own options: its parser would take `--run` for an abbreviation of `--run-path`.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "procgenie", "--", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "procgenie",
+        "--",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun procgenie {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n"
-                             f"{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"torchrun procgenie {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -82,9 +92,32 @@ def test_a_run_resumes_with_another_number_of_ranks(runs, tmp_path):
 
 
 def test_a_batch_that_the_ranks_cannot_share_evenly_is_refused(coinrun_data, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "procgenie", "--", "train", "tokenizer", "--data", str(coinrun_data), "--run",
-                           str(tmp_path / "r"), "--preset", "tiny", "--set", "batch_size=6", "grad_accum=2",
-                           "workers=0"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "procgenie",
+            "--",
+            "train",
+            "tokenizer",
+            "--data",
+            str(coinrun_data),
+            "--run",
+            str(tmp_path / "r"),
+            "--preset",
+            "tiny",
+            "--set",
+            "batch_size=6",
+            "grad_accum=2",
+            "workers=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode != 0 and "must be divisible by 2 ranks x grad_accum 2" in proc.stderr

@@ -61,9 +61,9 @@ def test_import_keeps_every_frame_splits_by_file_and_names_the_damaged_one(recor
         assert frames.shape == want.shape
         err = np.abs(frames.astype(int) - want).mean()
         if i % 3 == 1:
-            assert err == 0                      # PNG frames: exact
+            assert err == 0  # PNG frames: exact
         else:
-            assert err < 6                       # GIF palette / H.264 at twice the size, scaled back down
+            assert err < 6  # GIF palette / H.264 at twice the size, scaled back down
     assert {"train", "val", "test"} <= {s.record["split"] for s in ds.shards}
     run_cli("data", "validate", str(out))
     info = json.loads(run_cli("data", "info", str(out), "--json").stdout)
@@ -77,9 +77,9 @@ def test_import_keeps_every_frame_splits_by_file_and_names_the_damaged_one(recor
 
 def test_frames_are_resampled_to_the_asked_rate(tmp_path):
     video = np.zeros((30, 64, 64, 3), np.uint8)
-    video[:, :, :, 0] = np.arange(30)[:, None, None] * 8                  # frame t has red 8t
+    video[:, :, :, 0] = np.arange(30)[:, None, None] * 8  # frame t has red 8t
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.gif").write_bytes(encode_video(video, ".gif", 20))   # 50 ms a frame
+    (tmp_path / "src" / "a.gif").write_bytes(encode_video(video, ".gif", 20))  # 50 ms a frame
     out = tmp_path / "ds"
     run_cli("data", "import", str(tmp_path / "src"), "--out", str(out), "--fps", "10")
     ds = Dataset(out)
@@ -90,8 +90,8 @@ def test_frames_are_resampled_to_the_asked_rate(tmp_path):
 @pytest.mark.parametrize("fit, left, centre", [("crop", 200, 200), ("pad", 0, 200), ("squash", 100, 200)])
 def test_a_wide_frame_is_made_square_as_asked(fit, left, centre):
     wide = np.zeros((64, 128, 3), np.uint8)
-    wide[:, 32:96] = 200                                                  # a bright square in the middle
-    wide[:, :32] = 100 if fit == "squash" else 0                          # dark sides (grey to tell squash)
+    wide[:, 32:96] = 200  # a bright square in the middle
+    wide[:, :32] = 100 if fit == "squash" else 0  # dark sides (grey to tell squash)
     wide[:, 96:] = 100 if fit == "squash" else 0
     out = square(Image.fromarray(wide), 32, fit, None)
     assert out.shape == (32, 32, 3)
@@ -118,16 +118,32 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     root, originals = recordings
     steps = readme_video_commands()
     assert [s[:2] for s in steps] == [["data", "import"], ["train", "all"], ["play", "--checkpoint"]]
-    shutil.copytree(root, tmp_path / steps[0][2])                          # the user's folder of recordings
-    for step in steps[:2]:                                                 # as written, in the user's folder
+    shutil.copytree(root, tmp_path / steps[0][2])  # the user's folder of recordings
+    for step in steps[:2]:  # as written, in the user's folder
         tiny = ["--preset", "tiny", "--set", "workers=0"] if step[0] == "train" else []
-        subprocess.run([sys.executable, "-m", "procgenie", *step, *tiny], cwd=tmp_path, check=True,
-                       capture_output=True, timeout=900)
+        subprocess.run(
+            [sys.executable, "-m", "procgenie", *step, *tiny],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
     data, run = tmp_path / steps[0][steps[0].index("--out") + 1], tmp_path / steps[1][steps[1].index("--run") + 1]
     serve_play_page(steps[2], tmp_path)
 
-    real = run_cli("train", "dynamics", "--data", str(data), "--run", str(run), "--preset", "tiny", "--set",
-                   "actions=real", check=False)
+    real = run_cli(
+        "train",
+        "dynamics",
+        "--data",
+        str(data),
+        "--run",
+        str(run),
+        "--preset",
+        "tiny",
+        "--set",
+        "actions=real",
+        check=False,
+    )
     assert real.returncode == 2 and "no actions" in real.stderr
 
     run_cli("eval", "--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "eval"), "--horizon", "4")
@@ -138,12 +154,13 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
 
     gif = tmp_path / "dream.gif"
     run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--actions", "0*3,1*3", "--steps", "6")
-    assert iio.imread(gif, index=None).shape[0] == 6 + 3   # context (tiny: seq_len 4 -> 3 frames) + dream
+    assert iio.imread(gif, index=None).shape[0] == 6 + 3  # context (tiny: seq_len 4 -> 3 frames) + dream
     named = run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--actions", "right*3", check=False)
     assert named.returncode == 2 and "latent ids" in named.stderr
 
     from procgenie.play import server as play
     from procgenie.world import WorldModel
+
     wm = WorldModel.from_pretrained(run, device="cpu")
     assert not wm.procgen and not wm.has_key_map
     hub = play.Hub(wm, level=0)
@@ -151,11 +168,10 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     assert hello["world"] == "recordings" and hello["real_to_latent"] is None and hello["recordings"] == 1
     player = play.Player(hub, ws=None)
     player.env, ctx, player.session = player._start(0, 0)
-    test_video = originals[0]                                             # the one test-split source (index 0)
-    assert np.abs(ctx.astype(int) - test_video[:len(ctx)]).mean() < 6
-    player.keys["right"] = True                                           # arrows mean nothing here
+    test_video = originals[0]  # the one test-split source (index 0)
+    assert np.abs(ctx.astype(int) - test_video[: len(ctx)]).mean() < 6
+    player.keys["right"] = True  # arrows mean nothing here
     assert player.choose() == (wm.idle_latent, 4, "idle")
     player.latent = 1
     dream, shown, _ = player._step(*player.choose()[:2])
     assert dream.shape == (64, 64, 3) and np.abs(shown.astype(int) - test_video[len(ctx)]).mean() < 6
-

@@ -42,12 +42,12 @@ def test_lam_action_t_changes_frame_t_plus_1_and_nothing_before():
     torch.nn.init.normal_(lam.to_pixels.weight, std=0.02)  # as after training: actions matter
     x = frames(T=4)
     acts = torch.zeros(2, 4, dtype=torch.long)
-    base = lam.predict(x, acts)                       # predictions of frames 1..4
+    base = lam.predict(x, acts)  # predictions of frames 1..4
     for t in range(4):
         changed = acts.clone()
         changed[:, t] = 1
         out = lam.predict(x, changed)
-        assert torch.equal(out[:, :t], base[:, :t])    # earlier predictions: untouched
+        assert torch.equal(out[:, :t], base[:, :t])  # earlier predictions: untouched
         assert not torch.equal(out[:, t], base[:, t])  # frame t+1: changed
 
 
@@ -57,7 +57,7 @@ def test_lam_infers_action_t_from_frames_up_to_t_plus_1():
     x = frames(T=4)
     assert lam.infer(x).shape == (2, 3)
     x2 = x.clone()
-    x2[:, 2] = 0                                      # change frame 2: actions 0 (0->1) unaffected
+    x2[:, 2] = 0  # change frame 2: actions 0 (0->1) unaffected
     z1, z2 = lam._infer(x).z, lam._infer(x2).z
     assert torch.equal(z1[:, 0], z2[:, 0]) and not torch.equal(z1[:, 1], z2[:, 1])
 
@@ -80,7 +80,7 @@ def test_dynamics_action_t_conditions_frame_t_plus_1_only():
     codes = torch.randint(0, 50, (1, 4, 6, 2))
     mask = torch.ones(1, 3, 6, 2, dtype=torch.bool)
     acts = torch.zeros(1, 3, dtype=torch.long)
-    base = dyn.teacher_forced_logits(codes, acts, mask)      # logits of frames 1..3
+    base = dyn.teacher_forced_logits(codes, acts, mask)  # logits of frames 1..3
     for t in range(3):
         changed = acts.clone()
         changed[:, t] = 2
@@ -96,7 +96,7 @@ def test_dynamics_masked_frame_never_sees_later_or_other_masked_frames():
     acts = torch.zeros(1, 3, dtype=torch.long)
     base = dyn.teacher_forced_logits(codes, acts, mask)
     later = codes.clone()
-    later[:, 3] = (later[:, 3] + 1) % 50                     # frame 3 changes: logits of frames 1, 2 must not
+    later[:, 3] = (later[:, 3] + 1) % 50  # frame 3 changes: logits of frames 1, 2 must not
     out = dyn.teacher_forced_logits(later, acts, mask)
     assert torch.allclose(out[:, :2], base[:, :2], atol=1e-6)
 
@@ -121,7 +121,7 @@ def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps, decode):
     inputs.clear()
     out = run(0)
     assert out.shape == (2, 6, 2) and (out < 50).all() and (out >= 0).all()  # no mask id left
-    assert len(seen) == steps                                  # one transformer pass, one set of logits, per round
+    assert len(seen) == steps  # one transformer pass, one set of logits, per round
     rounds = [c for c, masked in inputs if masked]
     assert len(rounds) == steps and (rounds[0] == dyn.mask_id).all()
     for k in range(1, steps):  # what a round revealed is fed back unchanged, and the schedule holds
@@ -139,17 +139,17 @@ def test_generation_predicts_what_the_teacher_forced_training_pass_predicts(deco
     """Each generated frame, whose predecessor joins the cache in the same pass, matches the training pass."""
     dyn = make_dynamics(decode=decode, depth=2, seq_len=5, temperature=0.0)
     C, T = 2, dyn.cfg.seq_len
-    acts = torch.randint(0, 4, (1, T - 1))                              # a_t leads to frame t+1
+    acts = torch.randint(0, 4, (1, T - 1))  # a_t leads to frame t+1
     frames = [torch.randint(0, 50, (1, C, 6, 2))]
-    state = dyn.start(frames[0], F.pad(acts[:, :C - 1], (1, 0), value=dyn.A))
+    state = dyn.start(frames[0], F.pad(acts[:, : C - 1], (1, 0), value=dyn.A))
     for t in range(C, T):  # one round from a fully masked frame, argmax: the training pass's prediction
         frames.append(dyn.step(state, acts[:, t - 1], steps=1)[:, None])
-    codes = torch.cat(frames, 1)                                        # (1, T, N, G)
+    codes = torch.cat(frames, 1)  # (1, T, N, G)
     mask = torch.ones(1, T - 1, 6, 2, dtype=torch.bool)
     with torch.no_grad():
-        expected = dyn._pick(dyn.teacher_forced_logits(codes, acts, mask)[:, C - 1:].float(), decode, 0.0, None)[0]
+        expected = dyn._pick(dyn.teacher_forced_logits(codes, acts, mask)[:, C - 1 :].float(), decode, 0.0, None)[0]
     assert torch.equal(codes[:, C:], expected)
-    dyn.step(state, acts[:, 0], steps=1)             # past the window, the clean past stays seq_len - 1 frames
+    dyn.step(state, acts[:, 0], steps=1)  # past the window, the clean past stays seq_len - 1 frames
     assert [c.k.shape[2] for c in state.caches] == [T - 1, T - 1]
 
 
@@ -164,7 +164,7 @@ def test_overfitting_one_batch_drives_the_loss_down(stage):
         model = (Tokenizer if stage == "tokenizer" else LAM)(tiny(stage)).train()
         g = torch.Generator().manual_seed(1)
         blocks = torch.randint(0, 256, (4, 1, 4, 4, 3), generator=g, dtype=torch.uint8)
-        base = blocks.repeat_interleave(16, 2).repeat_interleave(16, 3)        # (4, 1, 64, 64, 3) colour blocks
+        base = blocks.repeat_interleave(16, 2).repeat_interleave(16, 3)  # (4, 1, 64, 64, 3) colour blocks
         batch = {"frames": torch.cat([base.roll(4 * t, dims=3) for t in range(4)], 1)}  # scrolling
         loss_of = lambda: model.loss(batch)
     opt = torch.optim.AdamW(model.parameters(), 3e-3)

@@ -23,14 +23,22 @@ from procgenie.play import server as play
 from procgenie.vocab import real_for_latent
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
     """The play server with the tiny run, on a free port, its event loop in a thread of this process."""
     from procgenie.world import WorldModel
+
     hub = play.Hub(WorldModel.from_pretrained(tiny_run, device="cpu"), level=0, max_sessions=4)
     sock = play.listen("127.0.0.1", 0)
     loop = asyncio.new_event_loop()
@@ -57,19 +65,31 @@ def wait_for(cond, timeout=20.0, what="condition"):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("keys, action", [
-    ({}, 4), ({"left": True}, 1), ({"right": True}, 7), ({"up": True}, 5), ({"down": True}, 3),
-    ({"right": True, "up": True}, 8), ({"left": True, "up": True}, 2), ({"right": True, "down": True}, 6),
-    ({"left": True, "down": True}, 0), ({"left": True, "right": True}, 4), ({"up": True, "down": True}, 5)])
+@pytest.mark.parametrize(
+    "keys, action",
+    [
+        ({}, 4),
+        ({"left": True}, 1),
+        ({"right": True}, 7),
+        ({"up": True}, 5),
+        ({"down": True}, 3),
+        ({"right": True, "up": True}, 8),
+        ({"left": True, "up": True}, 2),
+        ({"right": True, "down": True}, 6),
+        ({"left": True, "down": True}, 0),
+        ({"left": True, "right": True}, 4),
+        ({"up": True, "down": True}, 5),
+    ],
+)
 def test_held_keys_map_to_coinrun_actions(keys, action):
     assert play.real_action(**{"left": False, "right": False, "up": False, "down": False, **keys}) == action
 
 
 def test_latent_actions_map_to_their_most_common_real_action():
     counts = np.zeros((15, 4), np.int64)  # (real, latent)
-    counts[7, 0], counts[1, 0] = 9, 3     # latent 0: mostly right
-    counts[12, 1], counts[5, 1] = 5, 4    # latent 1: Procgen's 9..14 do nothing, so they count as noop
-    counts[2, 3] = 1                      # latent 2 never seen: noop
+    counts[7, 0], counts[1, 0] = 9, 3  # latent 0: mostly right
+    counts[12, 1], counts[5, 1] = 5, 4  # latent 1: Procgen's 9..14 do nothing, so they count as noop
+    counts[2, 3] = 1  # latent 2 never seen: noop
     assert real_for_latent(counts).tolist() == [7, 4, 4, 2]
 
 
@@ -84,7 +104,7 @@ async def _next(ws, want: str | None = None, timeout: float = 20.0):
         elif msg.type == aiohttp.WSMsgType.BINARY:
             kind, n = struct.unpack(">BI", msg.data[:5])
             if want in (None, "frame" if kind == play.KIND_FRAME else "gif"):
-                return json.loads(msg.data[5:5 + n]), msg.data[5 + n:]
+                return json.loads(msg.data[5 : 5 + n]), msg.data[5 + n :]
         else:
             return msg  # closed
 
@@ -101,12 +121,23 @@ def test_malformed_messages_get_an_error_and_change_nothing(server):
             await asyncio.sleep(0.3)  # a frame already being made when the pause came still arrives
             (player,) = server.hub.players
             before = (player.step_no, dict(player.keys), player.latent, player.paused, player.level)
-            bad = ["{not json", "[1, 2]", '"input"', "{}", json.dumps({"type": 3}), json.dumps({"type": "fly"}),
-                   json.dumps({"type": "input", "left": 1}), json.dumps({"type": "input", "latent": True}),
-                   json.dumps({"type": "input", "latent": 99}), json.dumps({"type": "input", "right": True, "x": 1}),
-                   json.dumps({"type": "reset", "level": "seven"}), json.dumps({"type": "reset", "level": -1}),
-                   json.dumps({"type": "pause", "paused": "no"}), "x" * 5000,
-                   json.dumps({"type": "input", "right": True, "pad": "y" * 100_000})]
+            bad = [
+                "{not json",
+                "[1, 2]",
+                '"input"',
+                "{}",
+                json.dumps({"type": 3}),
+                json.dumps({"type": "fly"}),
+                json.dumps({"type": "input", "left": 1}),
+                json.dumps({"type": "input", "latent": True}),
+                json.dumps({"type": "input", "latent": 99}),
+                json.dumps({"type": "input", "right": True, "x": 1}),
+                json.dumps({"type": "reset", "level": "seven"}),
+                json.dumps({"type": "reset", "level": -1}),
+                json.dumps({"type": "pause", "paused": "no"}),
+                "x" * 5000,
+                json.dumps({"type": "input", "right": True, "pad": "y" * 100_000}),
+            ]
             for text in bad:
                 await ws.send_str(text)
                 reply = await _next(ws, "error", timeout=5)  # (a frame sent before the pause may come first)
@@ -127,6 +158,7 @@ def test_malformed_messages_get_an_error_and_change_nothing(server):
             await ws.send_str(json.dumps({"type": "step"}))
             meta, _ = await _next(ws, "frame")
             assert (meta["latent"], meta["source"], meta["real"]) == (1, "latent", server.hub.latent_to_real[1])
+
     asyncio.run(go())
     wait_for(lambda: sessions(server) == 0, what="the closed connection's session to be freed")
 
@@ -141,6 +173,7 @@ def test_an_oversized_frame_closes_only_that_connection(server):
                 assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             async with http.ws_connect(server.url + "/ws") as ws:
                 assert (await _next(ws, "frame"))[0]["step"] == 0
+
     asyncio.run(go())
     wait_for(lambda: sessions(server) == 0, what="both sessions to be freed")
 
@@ -156,11 +189,12 @@ def test_connections_are_bounded_and_freed(server):
             fifth = await http.ws_connect(server.url + "/ws")
             assert "full" in (await _next(fifth))["message"]
             await four[0].send_str(json.dumps({"type": "input", "right": True}))
-            assert (await _next(four[0], "frame"))[0]                 # the others play on
+            assert (await _next(four[0], "frame"))[0]  # the others play on
             await four[0].close()
             wait_for(lambda: sessions(server) == 3, what="a freed session")
             for ws in (*four[1:], fifth):
                 await ws.close()
+
     asyncio.run(go())
     wait_for(lambda: sessions(server) == 0, what="every session to be freed")
 
@@ -176,8 +210,9 @@ def test_a_busy_port_is_one_clear_line(tiny_run):
     assert len(lines) == 1 and f"port {port}" in lines[0] and "--port N" in lines[0], proc.stderr
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                    reason=f"no {CHROMIUM}: `apt-get install chromium` for the browser test")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM}: `apt-get install chromium` for the browser test"
+)
 def test_a_browser_plays_pauses_steps_records_and_resets(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     step = "+document.getElementById('step').textContent"
@@ -216,8 +251,10 @@ def test_a_browser_plays_pauses_steps_records_and_resets(server):
             page.wait_for_function(f"{step} >= {s1 + 5}", timeout=30_000)
             page.keyboard.press("KeyG")
             page.wait_for_selector("#gif", timeout=60_000)
-            head = page.evaluate("fetch(document.getElementById('gif').href).then(r => r.arrayBuffer())"
-                                 ".then(b => String.fromCharCode(...new Uint8Array(b).slice(0, 6)))")
+            head = page.evaluate(
+                "fetch(document.getElementById('gif').href).then(r => r.arrayBuffer())"
+                ".then(b => String.fromCharCode(...new Uint8Array(b).slice(0, 6)))"
+            )
             assert head == "GIF89a" and page.get_attribute("#gif", "download").endswith(".gif")
 
             level = page.inner_text("#level")
@@ -233,6 +270,7 @@ def test_the_server_shows_exactly_what_wm_play_returns(both_run):
     """Play's Player, stepped as the server steps it, sends the real-action model the keys themselves, and its
     dream is wm.play's for those keys after context frames under no-op."""
     from procgenie.world import WorldModel
+
     wm = WorldModel.from_pretrained(both_run, device="cpu")
     hub = play.Hub(wm, level=0)
     player = play.Player(hub, ws=None)
@@ -245,9 +283,12 @@ def test_the_server_shows_exactly_what_wm_play_returns(both_run):
     assert hub.hello()["action_kind"] == "real"
 
 
-@pytest.mark.parametrize("decode, own, asked, want", [("mean", 2, None, 1), ("sample", 8, None, 2),
-                                                      ("sample", 1, None, 1), ("mean", 2, 3, 3)])
+@pytest.mark.parametrize(
+    "decode, own, asked, want",
+    [("mean", 2, None, 1), ("sample", 8, None, 2), ("sample", 1, None, 1), ("mean", 2, 3, 3)],
+)
 def test_play_decodes_expected_level_codes_in_one_round(decode, own, asked, want):
     from procgenie.world import WorldModel
+
     wm = SimpleNamespace(play_cfg=SimpleNamespace(model=SimpleNamespace(decode=decode, maskgit_steps=own)))
     assert WorldModel.play_steps(wm, asked) == want

@@ -49,7 +49,7 @@ def test_auto_resolves_once_per_device_from_the_check(monkeypatch):
 
 
 def test_the_world_model_computes_in_what_it_was_given(tiny_run, monkeypatch):
-    monkeypatch.setattr(P, "_decided", {"cpu": "fp32"})          # auto, as on a CPU where bf16 is slower
+    monkeypatch.setattr(P, "_decided", {"cpu": "fp32"})  # auto, as on a CPU where bf16 is slower
     assert WorldModel.from_pretrained(tiny_run, device="cpu").precision == "fp32"
     assert WorldModel.from_pretrained(tiny_run, device="cpu", precision="bf16").precision == "bf16"
 
@@ -61,9 +61,16 @@ def test_old_runs_bf16_setting_reads_as_precision():
     assert ckpt.C.from_dict(d).train.precision == "fp32"
 
 
-@pytest.mark.parametrize("command", [["train", "all", "--data", "D", "--run", "R"],
-                                     ["eval", "--data", "D", "--out", "O"],
-                                     ["play"], ["dream", "--out", "x.gif"], ["bench"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "all", "--data", "D", "--run", "R"],
+        ["eval", "--data", "D", "--out", "O"],
+        ["play"],
+        ["dream", "--out", "x.gif"],
+        ["bench"],
+    ],
+)
 def test_every_computing_command_takes_the_setting(command):
     parser = build_parser()
     assert parser.parse_args([*command, "--precision", "fp32"]).precision == "fp32"
@@ -74,15 +81,53 @@ def test_every_computing_command_takes_the_setting(command):
 @pytest.mark.slow
 def test_train_eval_and_dream_record_the_precision(coinrun_data, tmp_path):
     run, report, gif = tmp_path / "run", tmp_path / "report", tmp_path / "d.gif"
-    out = run_cli("train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny",
-                  "--steps", "2", "--precision", "fp32", "--set", "workers=0").stdout
+    out = run_cli(
+        "train",
+        "tokenizer",
+        "--data",
+        str(coinrun_data),
+        "--run",
+        str(run),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--precision",
+        "fp32",
+        "--set",
+        "workers=0",
+    ).stdout
     saved = json.loads((run / "tokenizer" / "config.json").read_text())
     assert saved["train"]["precision"] == "fp32" and saved["precision_used"] == "fp32" and "fp32" in out
     for stage in ("lam", "dynamics"):
-        run_cli("train", stage, "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny", "--steps", "2",
-                "--set", "workers=0", "precision=fp32")
-    run_cli("eval", "--checkpoint", str(run), "--data", str(coinrun_data), "--out", str(report), "--episodes", "2",
-            "--precision", "fp32")
+        run_cli(
+            "train",
+            stage,
+            "--data",
+            str(coinrun_data),
+            "--run",
+            str(run),
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--set",
+            "workers=0",
+            "precision=fp32",
+        )
+    run_cli(
+        "eval",
+        "--checkpoint",
+        str(run),
+        "--data",
+        str(coinrun_data),
+        "--out",
+        str(report),
+        "--episodes",
+        "2",
+        "--precision",
+        "fp32",
+    )
     assert json.loads((report / "metrics.json").read_text())["run"]["precision"] == "fp32"
     said = run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--steps", "2", "--precision", "bf16").stdout
     assert "bf16" in said and gif.stat().st_size > 0

@@ -39,13 +39,14 @@ def test_readme_main_command_runs_end_to_end(tmp_path):
             if a in small:
                 args[i + 1] = small[a]
         if args[0] == "collect":
-            args += ["--num-levels", "10"]     # a few levels, so the test split is surely there
+            args += ["--num-levels", "10"]  # a few levels, so the test split is surely there
         if args[0] == "train":
             args += ["--set", "workers=0"]
         if args[0] == "eval":
             args += ["--episodes", "4"]
-        subprocess.run([sys.executable, "-m", "procgenie", *args], cwd=tmp_path, check=True, capture_output=True,
-                       timeout=900)
+        subprocess.run(
+            [sys.executable, "-m", "procgenie", *args], cwd=tmp_path, check=True, capture_output=True, timeout=900
+        )
     for report in ("reports/quick", "reports/bundled"):
         assert (tmp_path / report / "metrics.json").exists() and (tmp_path / report / "report.html").exists()
     # The last step serves the bundled world: start it, fetch the page, stop it.

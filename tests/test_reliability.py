@@ -46,8 +46,7 @@ from procgenie.cli import main
 sys.exit(main(sys.argv[4:]))
 """
 
-TRAIN = ["--preset", "tiny", "--steps", "40", "--set", "workers=0", "ckpt_every=5", "log_every=1",
-         "deterministic=true"]
+TRAIN = ["--preset", "tiny", "--steps", "40", "--set", "workers=0", "ckpt_every=5", "log_every=1", "deterministic=true"]
 
 
 def train_args(stage: str, data: Path, run: Path) -> list[str]:
@@ -55,15 +54,21 @@ def train_args(stage: str, data: Path, run: Path) -> list[str]:
 
 
 def kill_inside(args: list[str], when: str, target: str, n: int) -> None:
-    proc = subprocess.run([sys.executable, "-c", KILLER, when, target, str(n), *args], check=False,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, when, target, str(n), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, f"not killed ({proc.returncode}):\n{proc.stderr[-2000:]}"
 
 
 def kill_when(args: list[str], ready, timeout: float = 120) -> subprocess.Popen:
     """Start `procgenie ARGS`, SIGKILL it as soon as `ready(proc)` holds; it must not have finished by then."""
-    proc = subprocess.Popen([sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline and not ready(proc):
         time.sleep(0.002)
@@ -113,12 +118,13 @@ def without_dynamics(reference: Path, to: Path) -> Path:
 # -- training ----------------------------------------------------------------------------------
 
 TOKENIZER_KILLS = [
-    ("log", 3), ("log", 36),                         # from outside, mid-training
-    ("torn", "model.safetensors", 4),                # step 20: mid-write of the weights
-    ("after", "model.safetensors", 8),               # step 40: final weights in place, the state still at 35
-    ("after", "state.safetensors", 8),               # step 40, all written (with the state written first, the
-                                                     # weights stayed at step 35 for good: "already trained")
-    ("torn", "config.json", 1),                      # before any step: the config half-written
+    ("log", 3),
+    ("log", 36),  # from outside, mid-training
+    ("torn", "model.safetensors", 4),  # step 20: mid-write of the weights
+    ("after", "model.safetensors", 8),  # step 40: final weights in place, the state still at 35
+    ("after", "state.safetensors", 8),  # step 40, all written (with the state written first, the
+    # weights stayed at step 35 for good: "already trained")
+    ("torn", "config.json", 1),  # before any step: the config half-written
 ]
 
 
@@ -138,9 +144,10 @@ def test_tokenizer_killed_resumes_to_the_unbroken_weights(reference, coinrun_dat
 
 @pytest.mark.slow
 def test_an_immediate_rerun_after_sigkill_resumes_though_a_loader_worker_outlived_the_trainer(
-        reference, coinrun_data, tmp_path):
+    reference, coinrun_data, tmp_path
+):
     run = tmp_path / "run"
-    args = [*train_args("tokenizer", coinrun_data, run), "workers=1"]   # a forked DataLoader worker
+    args = [*train_args("tokenizer", coinrun_data, run), "workers=1"]  # a forked DataLoader worker
     kill_when(args, lambda _: (run / "tokenizer" / "state.safetensors").exists())
     run_cli(*args)  # at once: the orphaned worker must not hold the folder's lock
     assert_same_weights(run / "tokenizer" / "model.safetensors", reference / "tokenizer" / "model.safetensors")
@@ -150,11 +157,13 @@ def test_an_immediate_rerun_after_sigkill_resumes_though_a_loader_worker_outlive
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
 def test_a_signal_checkpoints_the_step_in_flight_and_the_rerun_ends_at_the_unbroken_weights(
-        reference, coinrun_data, tmp_path, sig):
+    reference, coinrun_data, tmp_path, sig
+):
     run = tmp_path / "run"
     args = train_args("tokenizer", coinrun_data, run)
-    proc = subprocess.Popen([sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and lines(run / "tokenizer" / "log.jsonl") < 3:
         time.sleep(0.002)
@@ -163,12 +172,15 @@ def test_a_signal_checkpoints_the_step_in_flight_and_the_rerun_ends_at_the_unbro
     err = proc.communicate(timeout=60)[1]
     took = time.perf_counter() - t0
     assert proc.returncode == 128 + sig, err[-2000:]
-    said = err.strip().splitlines()[-1]                              # after the progress bar's last line
-    assert took < 10 and said.startswith(f"procgenie train: stopped by {signal.Signals(sig).name}") and \
-        said.endswith("rerun the same command to resume"), err[-2000:]
+    said = err.strip().splitlines()[-1]  # after the progress bar's last line
+    assert (
+        took < 10
+        and said.startswith(f"procgenie train: stopped by {signal.Signals(sig).name}")
+        and said.endswith("rerun the same command to resume")
+    ), err[-2000:]
     with safe_open(str(run / "tokenizer" / "state.safetensors"), "pt") as f:
         step = json.loads(f.metadata()["json"])["step"]
-    assert 3 <= step < 40 and f"at step {step} of 40" in said         # the step in flight, not the last 5-step save
+    assert 3 <= step < 40 and f"at step {step} of 40" in said  # the step in flight, not the last 5-step save
     run_cli(*args)
     assert_same_weights(run / "tokenizer" / "model.safetensors", reference / "tokenizer" / "model.safetensors")
     assert_finished_cleanly(run / "tokenizer")
@@ -191,6 +203,7 @@ def test_dynamics_killed_resumes_to_the_unbroken_weights(reference, coinrun_data
     assert_finished_cleanly(run / "dynamics")
     # and the finished run plays: its stages still belong together
     from procgenie.world import WorldModel
+
     WorldModel.from_pretrained(run, device="cpu")
 
 
@@ -208,9 +221,25 @@ def test_train_all_killed_in_the_lam_stage_resumes_every_stage_exactly(reference
 
 # -- collection --------------------------------------------------------------------------------
 
+
 def collect_args(out: Path, workers: int = 1) -> list[str]:
-    return ["collect", "--out", str(out), "--episodes", "120", "--policy", "random", "--max-steps", "60",
-            "--shard-frames", "150", "--envs", "8", "--workers", str(workers)]
+    return [
+        "collect",
+        "--out",
+        str(out),
+        "--episodes",
+        "120",
+        "--policy",
+        "random",
+        "--max-steps",
+        "60",
+        "--shard-frames",
+        "150",
+        "--envs",
+        "8",
+        "--workers",
+        str(workers),
+    ]
 
 
 def recorded(out: Path) -> list[dict]:
@@ -240,11 +269,11 @@ def alive(pid: int) -> bool:
 
 
 COLLECT_KILLS = [
-    ("manifest", 1),                                 # the manifest started, no shard yet
+    ("manifest", 1),  # the manifest started, no shard yet
     # (killed from outside after a few shards: tests/test_data.py)
-    ("torn", ".frames.npy", 3),                      # mid-write of a shard's frames
-    ("before", "manifest.json", 4),                  # a shard complete on disk, not yet recorded
-    ("workers", 3),                                  # two worker processes; main killed after 3 shards
+    ("torn", ".frames.npy", 3),  # mid-write of a shard's frames
+    ("before", "manifest.json", 4),  # a shard complete on disk, not yet recorded
+    ("workers", 3),  # two worker processes; main killed after 3 shards
 ]
 
 
@@ -279,7 +308,7 @@ def test_collect_killed_resumes_without_losing_or_doubling_episodes(tmp_path, ki
     run_cli(*args)  # the same command again
     assert run_cli("data", "validate", str(out)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["shards"][:len(before)] == before            # what was counted stays, unchanged
+    assert manifest["shards"][: len(before)] == before  # what was counted stays, unchanged
     assert sum(s["episodes"] for s in manifest["shards"]) == 120  # nothing lost, nothing twice
     names = [s["name"] for s in manifest["shards"]]
     assert len(set(names)) == len(names)
@@ -298,12 +327,15 @@ with exclusive(sys.argv[1], "holding"):
 
 
 def test_a_second_process_cannot_train_or_collect_into_a_busy_folder_and_a_killed_holder_frees_it(
-        coinrun_data, tmp_path):
+    coinrun_data, tmp_path
+):
     run, data = tmp_path / "run", tmp_path / "data"
     train = ["train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny"]
     collect = ["collect", "--out", str(data), "--episodes", "2"]
-    for folder, argv, doing in ((run / "tokenizer", train, f"training {run / 'tokenizer'}"),
-                                (data, collect, f"collecting into {data}")):
+    for folder, argv, doing in (
+        (run / "tokenizer", train, f"training {run / 'tokenizer'}"),
+        (data, collect, f"collecting into {data}"),
+    ):
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "held"
@@ -320,13 +352,17 @@ def test_a_second_process_cannot_train_or_collect_into_a_busy_folder_and_a_kille
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, sig", [(1, signal.SIGTERM), (2, signal.SIGINT)],  # SIGINT: also a terminal's
-                         ids=["SIGTERM", "SIGINT-2-workers"])                           # Ctrl-C, all processes
+@pytest.mark.parametrize(
+    "workers, sig",
+    [(1, signal.SIGTERM), (2, signal.SIGINT)],  # SIGINT: also a terminal's
+    ids=["SIGTERM", "SIGINT-2-workers"],
+)  # Ctrl-C, all processes
 def test_a_signal_stops_collect_with_every_finished_episode_written(tmp_path, workers, sig):
     out = tmp_path / "d"
     args = collect_args(out, workers=workers)
-    proc = subprocess.Popen([sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procgenie", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and len(recorded(out)) < 2:
         time.sleep(0.002)

@@ -55,28 +55,30 @@ def test_no_load_path_can_unpickle():
             if name in ("eval", "exec") and isinstance(call.func, ast.Name):
                 problems.append(f"{where}:{call.lineno} {name}() of text")
         # and the plain text, for what the syntax tree does not show (strings handed to other tools)
-        for m in re.finditer(r"allow_pickle\s*=\s*True|torch\.load\((?![^)]*weights_only\s*=\s*True)|pickle\.loads?\(",
-                             text):
+        for m in re.finditer(
+            r"allow_pickle\s*=\s*True|torch\.load\((?![^)]*weights_only\s*=\s*True)|pickle\.loads?\(", text
+        ):
             problems.append(f"{where}: {m.group(0)!r}")
     assert not problems, "\n".join(problems)
 
 
 def test_bundled_files_are_safetensors_and_json_only():
     """The pretrained world model (if bundled) holds no format that runs code on load (.pt, .pkl, .ckpt ...)."""
-    data = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
-            and "static" not in p.parts]
+    data = [
+        p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc") and "static" not in p.parts
+    ]
     assert all(p.suffix in (".safetensors", ".json", ".jsonl", ".md", ".txt") for p in data), data
 
 
 def test_play_listens_on_this_machine_only_by_default():
     assert build_parser().parse_args(["play"]).host == "127.0.0.1"
     assert inspect.signature(server.serve).parameters["host"].default == "127.0.0.1"
-    sock = server.listen(build_parser().parse_args(["play"]).host, 0)   # the socket `procgenie play` opens
+    sock = server.listen(build_parser().parse_args(["play"]).host, 0)  # the socket `procgenie play` opens
     port = sock.getsockname()[1]
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()   # this machine reaches it ...
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # this machine reaches it ...
         outward = _outward_address()
-        if outward is not None:                                            # ... another address of it does not
+        if outward is not None:  # ... another address of it does not
             with pytest.raises(OSError):
                 socket.create_connection((outward, port), timeout=5).close()
     finally:

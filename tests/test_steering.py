@@ -15,13 +15,13 @@ def bundled():
 
 
 def test_the_bundled_model_plays_on_real_actions(bundled):
-    assert bundled.play_kind == "real" and bundled.action_kind == "latent"   # play: keys; generate: Genie's path
+    assert bundled.play_kind == "real" and bundled.action_kind == "latent"  # play: keys; generate: Genie's path
 
 
 @pytest.mark.slow
 def test_a_held_jump_scrolls_the_dream_down_as_it_scrolls_the_level(bundled):
     r = held_keys(bundled, [0, 20, 40, 60], context=4, frames=10)["jump"]
-    assert r["real_shift_px"] > 10 and r["levels_moved"] == 4           # the player rises: the level moves down
+    assert r["real_shift_px"] > 10 and r["levels_moved"] == 4  # the player rises: the level moves down
     assert r["dream_shift_px"] > 10 and r["same_direction"] == 1.0
 
 
@@ -38,12 +38,13 @@ def test_holding_right_while_running_keeps_the_dream_scrolling_left(bundled):
             seen.append(env.observe()[1]["rgb"][0])
         env.close()
         frames.append(np.stack(seen))
-    frames = np.stack(frames)                                         # (8, 14, 64, 64, 3)
-    ctx, future = frames[:, 2:6], frames[:, 6:]                       # running from frame 2 on
+    frames = np.stack(frames)  # (8, 14, 64, 64, 3)
+    ctx, future = frames[:, 2:6], frames[:, 6:]  # running from frame 2 on
     dream = bundled.play(ctx, np.full((8, 8), RIGHT), context_keys=np.full((8, 3), RIGHT))
 
     def dx(frames_):
         seq = np.concatenate([ctx[:, -1:], frames_], 1)
-        return camera_shift(seq[:, :-1], seq[:, 1:])[..., 0].sum(1)    # (8,)
-    assert dx(future).mean() < -5                                     # the real level scrolls left
-    assert dx(dream).mean() < -1 and (dx(dream) <= 0).all()           # the dream too, never the other way
+        return camera_shift(seq[:, :-1], seq[:, 1:])[..., 0].sum(1)  # (8,)
+
+    assert dx(future).mean() < -5  # the real level scrolls left
+    assert dx(dream).mean() < -1 and (dx(dream) <= 0).all()  # the dream too, never the other way

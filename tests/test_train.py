@@ -25,8 +25,21 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_train_tokenizer_through_the_command_line(coinrun_data, tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny",
-                   "--steps", "12", "--set", "workers=0", "log_every=4")
+    proc = run_cli(
+        "train",
+        "tokenizer",
+        "--data",
+        str(coinrun_data),
+        "--run",
+        str(run),
+        "--preset",
+        "tiny",
+        "--steps",
+        "12",
+        "--set",
+        "workers=0",
+        "log_every=4",
+    )
     stage = run / "tokenizer"
     cfg = json.loads((stage / "config.json").read_text())
     assert cfg["stage"] == "tokenizer" and cfg["train"]["steps"] == 12 and cfg["preset"] == "tiny"
@@ -36,21 +49,47 @@ def test_train_tokenizer_through_the_command_line(coinrun_data, tmp_path):
     # At each checkpoint (the tiny preset's ckpt_every is 10, and the last step), the loss on val-split clips.
     val = [json.loads(line) for line in (stage / "val.jsonl").read_text().splitlines()]
     assert [r["step"] for r in val] == [10, 12] and all(0 < r["val_loss"] < 10 for r in val)
-    assert val[0]["val_loss"] != val[1]["val_loss"]                 # measured, not copied
-    assert list((stage / "tb").iterdir())                           # TensorBoard event files
+    assert val[0]["val_loss"] != val[1]["val_loss"]  # measured, not copied
+    assert list((stage / "tb").iterdir())  # TensorBoard event files
     weights = load_file(str(stage / "model.safetensors"))
     model = Tokenizer(C.from_dict(cfg).model)
     assert set(weights) == set(model.state_dict())
     assert "tokenizer" in proc.stdout
     # Rerunning the same command: nothing to do. Asking for more steps: it continues.
-    assert "already trained" in run_cli("train", "tokenizer", "--data", str(coinrun_data), "--run", str(run),
-                                        "--steps", "12", "--set", "workers=0", "log_every=4").stdout
-    run_cli("train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--steps", "14",
-            "--set", "workers=0", "log_every=4")
+    assert (
+        "already trained"
+        in run_cli(
+            "train",
+            "tokenizer",
+            "--data",
+            str(coinrun_data),
+            "--run",
+            str(run),
+            "--steps",
+            "12",
+            "--set",
+            "workers=0",
+            "log_every=4",
+        ).stdout
+    )
+    run_cli(
+        "train",
+        "tokenizer",
+        "--data",
+        str(coinrun_data),
+        "--run",
+        str(run),
+        "--steps",
+        "14",
+        "--set",
+        "workers=0",
+        "log_every=4",
+    )
     assert json.loads((stage / "log.jsonl").read_text().splitlines()[-1])["step"] == 14
     # Other model settings on the same run folder: refused, with the difference named.
-    bad = run_cli("train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--set", "width=64",
-                  check=False)
+    bad = run_cli(
+        "train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--set", "width=64", check=False
+    )
     assert bad.returncode == 2 and "width 32 (now 64)" in bad.stderr
 
 
@@ -82,7 +121,7 @@ def test_resume_continues_exactly_where_an_unbroken_run_would_be(coinrun_data, t
     unbroken = _train(coinrun_data, tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         _train(coinrun_data, tmp_path / "b", stop_at=stop_at)
-    resumed = _train(coinrun_data, tmp_path / "b")                   # same call again: resumes
+    resumed = _train(coinrun_data, tmp_path / "b")  # same call again: resumes
     for (k, v), w in zip(unbroken.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v, w), k
 
@@ -108,5 +147,5 @@ print(default, faults(), took)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     default, kept, took = out.split()
     assert took == "True"
-    assert int(default) > 3 * 10_000                        # 16,384 pages of 4 KB per tensor
+    assert int(default) > 3 * 10_000  # 16,384 pages of 4 KB per tensor
     assert int(kept) < 1_000

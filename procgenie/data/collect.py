@@ -65,9 +65,15 @@ def _worker(args: dict, worker: int, session: int, quota: int, send, stop: StopS
             return
         L = int(length[i])
         split = store.split_of(level[i])
-        pending[split].append({"frames": frames[i, :L].copy(), "actions": actions[i, :L].copy(),
-                               "rewards": rewards[i, :L].copy(), "level_seed": int(level[i]),
-                               "truncated": truncated})
+        pending[split].append(
+            {
+                "frames": frames[i, :L].copy(),
+                "actions": actions[i, :L].copy(),
+                "rewards": rewards[i, :L].copy(),
+                "level_seed": int(level[i]),
+                "truncated": truncated,
+            }
+        )
         done += 1
         send(("episode", L))
         if sum(len(e["frames"]) for e in pending[split]) >= shard_frames or done == quota:
@@ -75,7 +81,7 @@ def _worker(args: dict, worker: int, session: int, quota: int, send, stop: StopS
 
     def flush(splits, wait: bool = False) -> None:
         nonlocal shards
-        for sp in (store.SPLITS if done == quota else splits):
+        for sp in store.SPLITS if done == quota else splits:
             if pending[sp]:
                 name = f"{sp}-s{session:03d}-w{worker:02d}-{shards:05d}"
                 writes.append(writer.submit(write_shard, root, name, sp, pending[sp]))
@@ -132,38 +138,73 @@ def _worker_process(args, worker, session, quota, queue) -> None:
         queue.put(("error", traceback.format_exc()))
 
 
-def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random", start_level: int = 0,
-            num_levels: int = 10_000, max_steps: int = 1000, seed: int = 0, workers: int = 1, envs: int = 16,
-            shard_frames: int = 8192, distribution_mode: str = "hard", quiet: bool = False) -> dict:
+def collect(
+    out: str,
+    episodes: int,
+    env: str = "coinrun",
+    policy: str = "random",
+    start_level: int = 0,
+    num_levels: int = 10_000,
+    max_steps: int = 1000,
+    seed: int = 0,
+    workers: int = 1,
+    envs: int = 16,
+    shard_frames: int = 8192,
+    distribution_mode: str = "hard",
+    quiet: bool = False,
+) -> dict:
     """Collect until the dataset at `out` holds `episodes` episodes; returns a summary of this run."""
     if env not in PROCGEN_GAMES:
         raise UserError(f"unknown Procgen game '{env}': choose one of {', '.join(PROCGEN_GAMES)}")
     if policy not in POLICIES:
         raise UserError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
-    for name, value, low in (("--episodes", episodes, 1), ("--workers", workers, 1), ("--max-steps", max_steps, 2),
-                             ("--num-levels", num_levels, 0), ("--start-level", start_level, 0), ("--envs", envs, 1),
-                             ("--shard-frames", shard_frames, 1)):
+    for name, value, low in (
+        ("--episodes", episodes, 1),
+        ("--workers", workers, 1),
+        ("--max-steps", max_steps, 2),
+        ("--num-levels", num_levels, 0),
+        ("--start-level", start_level, 0),
+        ("--envs", envs, 1),
+        ("--shard-frames", shard_frames, 1),
+    ):
         if value < low:
             raise UserError(f"{name} must be at least {low}, got {value}")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file: give a folder for the dataset")
     with exclusive(root, f"collecting into {root}"):
-        identity = dict(env=env, policy=policy, start_level=start_level, num_levels=num_levels, max_steps=max_steps,
-                        seed=seed, distribution_mode=distribution_mode)
+        identity = dict(
+            env=env,
+            policy=policy,
+            start_level=start_level,
+            num_levels=num_levels,
+            max_steps=max_steps,
+            seed=seed,
+            distribution_mode=distribution_mode,
+        )
         if (root / "manifest.json").exists():
             manifest = store.read_manifest(root)
             old = {k: manifest["collect"].get(k) for k in IDENTITY}
             if old != identity:
                 diff = ", ".join(f"{k} {old[k]!r} (now {identity[k]!r})" for k in IDENTITY if old[k] != identity[k])
-                raise UserError(f"{root} holds a dataset collected with other settings: {diff}; "
-                                "rerun with the same settings to continue it, or choose another --out")
+                raise UserError(
+                    f"{root} holds a dataset collected with other settings: {diff}; "
+                    "rerun with the same settings to continue it, or choose another --out"
+                )
         else:
             if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
                 raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
-            manifest = {"format": store.FORMAT, "version": store.VERSION, "env": env, "image_size": 64,
-                        "num_actions": NUM_ACTIONS, "split_rule": store.SPLIT_RULE, "collect": identity, "sessions": 0,
-                        "shards": []}
+            manifest = {
+                "format": store.FORMAT,
+                "version": store.VERSION,
+                "env": env,
+                "image_size": 64,
+                "num_actions": NUM_ACTIONS,
+                "split_rule": store.SPLIT_RULE,
+                "collect": identity,
+                "sessions": 0,
+                "shards": [],
+            }
         (root / "shards").mkdir(parents=True, exist_ok=True)
         store.remove_orphans(root, manifest)
         remove_stale_tmp(root)  # a manifest write that a kill cut short
@@ -180,8 +221,9 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
 
         args = dict(identity, out=str(root), envs=envs, shard_frames=shard_frames)
         quotas = [todo // workers + (w < todo % workers) for w in range(workers)]
-        bar = tqdm(total=episodes, initial=have, unit="ep", desc=f"collect {env}/{policy}", disable=quiet,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=episodes, initial=have, unit="ep", desc=f"collect {env}/{policy}", disable=quiet, dynamic_ncols=True
+        )
         frames, start = 0, time.perf_counter()
         started = []  # when each worker finished starting Procgen (a one-off ~1.5 s per process)
 
@@ -208,23 +250,36 @@ def collect(out: str, episodes: int, env: str = "coinrun", policy: str = "random
             bar.close()
         if stop.signum is not None:
             have = sum(s["episodes"] for s in manifest["shards"])
-            raise Stopped(f"stopped by {signal.Signals(stop.signum).name} with {have} of {episodes} episodes written "
-                          f"to {root}: rerun the same command to continue", 128 + stop.signum)
+            raise Stopped(
+                f"stopped by {signal.Signals(stop.signum).name} with {have} of {episodes} episodes written "
+                f"to {root}: rerun the same command to continue",
+                128 + stop.signum,
+            )
         end = time.perf_counter()
         seconds, startup = end - start, (max(started) if started else end) - start
-        result = {"episodes": todo, "frames": frames, "seconds": seconds, "startup_s": startup,
-                  "frames_per_s": frames / max(end - min(started, default=start), 1e-9)}
+        result = {
+            "episodes": todo,
+            "frames": frames,
+            "seconds": seconds,
+            "startup_s": startup,
+            "frames_per_s": frames / max(end - min(started, default=start), 1e-9),
+        }
         if not quiet:
-            print(f"collected {todo} episodes, {frames:,} frames in {seconds:.1f} s ({startup:.1f} s starting Procgen, "
-                  f"then {result['frames_per_s']:,.0f} frames/s) -> {root}")
+            print(
+                f"collected {todo} episodes, {frames:,} frames in {seconds:.1f} s ({startup:.1f} s starting Procgen, "
+                f"then {result['frames_per_s']:,.0f} frames/s) -> {root}"
+            )
         return result
 
 
 def _run_processes(args: dict, session: int, quotas: list[int], on_message, stop: StopSignals) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue(maxsize=1024)
-    procs = [ctx.Process(target=_worker_process, args=(args, w, session, q, queue), daemon=True)
-             for w, q in enumerate(quotas) if q > 0]
+    procs = [
+        ctx.Process(target=_worker_process, args=(args, w, session, q, queue), daemon=True)
+        for w, q in enumerate(quotas)
+        if q > 0
+    ]
     for p in procs:
         p.start()
     running = len(procs)
@@ -242,8 +297,9 @@ def _run_processes(args: dict, session: int, quotas: list[int], on_message, stop
                 if not any(p.is_alive() for p in procs):
                     if stop.signum is not None:
                         break
-                    raise RuntimeError("a collect worker exited before finishing its episodes: rerun the same "
-                                       "command to continue")
+                    raise RuntimeError(
+                        "a collect worker exited before finishing its episodes: rerun the same command to continue"
+                    )
                 continue
             if msg[0] == "done":
                 running -= 1

@@ -39,8 +39,11 @@ def find_sources(paths: list[str]) -> list[Path]:
         elif any(c.suffix.lower() in IMAGE_SUFFIXES for c in p.iterdir()):
             out.append(p)  # a folder of frames: one recording
         else:
-            inner = sorted(c for c in p.iterdir() if not c.name.startswith(".") and (
-                c.suffix.lower() in VIDEO_SUFFIXES + (".gif",) or c.is_dir()))
+            inner = sorted(
+                c
+                for c in p.iterdir()
+                if not c.name.startswith(".") and (c.suffix.lower() in VIDEO_SUFFIXES + (".gif",) or c.is_dir())
+            )
             if not inner:
                 raise UserError(f"{p} holds no videos, GIFs or frames ({', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)})")
             out += inner
@@ -63,6 +66,7 @@ def read_frames(src: Path, fps: float | None):
     """Yield the RGB frames (PIL images) of one source at `fps` (None: every frame). Frame folders have no rate
     of their own: their frames are all kept."""
     from PIL import Image, ImageSequence
+
     if src.is_dir():
         for f in sorted(c for c in src.iterdir() if c.suffix.lower() in IMAGE_SUFFIXES):
             with Image.open(f) as im:
@@ -82,6 +86,7 @@ def read_frames(src: Path, fps: float | None):
                 keep += step
         return
     import imageio.v3 as iio
+
     rate = float(iio.immeta(src, plugin="pyav").get("fps") or 0) if fps is not None else 0.0
     keep = 0.0
     for i, arr in enumerate(iio.imiter(src, plugin="pyav")):
@@ -94,6 +99,7 @@ def square(im, size: int, fit: str, crop: tuple[int, int, int, int] | None) -> n
     """One frame -> uint8 (size, size, 3): optionally cut to `crop`, then made square by centre crop, black
     padding or squashing, and resized with an area filter (each output pixel the mean of those it covers)."""
     from PIL import Image
+
     if crop is not None:
         x, y, w, h = crop
         if x + w > im.width or y + h > im.height:
@@ -118,9 +124,18 @@ def decode(src: Path, fps: float | None, size: int, fit: str, crop) -> np.ndarra
     return np.stack(frames)
 
 
-def import_videos(sources: list[str], out: str, fps: float | None = None, size: int = 64, fit: str = "crop",
-                  crop: str | None = None, episode_frames: int = 1000, name: str = "video",
-                  shard_frames: int = 8192, quiet: bool = False) -> dict:
+def import_videos(
+    sources: list[str],
+    out: str,
+    fps: float | None = None,
+    size: int = 64,
+    fit: str = "crop",
+    crop: str | None = None,
+    episode_frames: int = 1000,
+    name: str = "video",
+    shard_frames: int = 8192,
+    quiet: bool = False,
+) -> dict:
     """Import `sources` into the dataset at `out` (continuing it if a run of the same command was cut short)."""
     if fit not in FITS:
         raise UserError(f"--fit {fit}: choose one of {', '.join(FITS)}")
@@ -137,20 +152,38 @@ def import_videos(sources: list[str], out: str, fps: float | None = None, size: 
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file: give a folder for the dataset")
-    identity = dict(sources=[str(s.resolve()) for s in srcs], fps=fps, size=size, fit=fit, crop=crop,
-                    episode_frames=episode_frames, name=name)
+    identity = dict(
+        sources=[str(s.resolve()) for s in srcs],
+        fps=fps,
+        size=size,
+        fit=fit,
+        crop=crop,
+        episode_frames=episode_frames,
+        name=name,
+    )
     with exclusive(root, f"importing into {root}"):
         if (root / "manifest.json").exists():
             manifest = store.read_manifest(root)
             old = manifest.get("import", {})
             if {k: old.get(k) for k in IDENTITY} != identity:
-                raise UserError(f"{root} holds a dataset made from other sources or settings: rerun the same "
-                                "command to continue it, or choose another --out")
+                raise UserError(
+                    f"{root} holds a dataset made from other sources or settings: rerun the same "
+                    "command to continue it, or choose another --out"
+                )
         else:
             if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
                 raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
-            manifest = {"format": store.FORMAT, "version": store.VERSION, "env": name, "image_size": size,
-                        "actions": False, "split_rule": SPLIT_RULE, "import": identity, "sessions": 0, "shards": []}
+            manifest = {
+                "format": store.FORMAT,
+                "version": store.VERSION,
+                "env": name,
+                "image_size": size,
+                "actions": False,
+                "split_rule": SPLIT_RULE,
+                "import": identity,
+                "sessions": 0,
+                "shards": [],
+            }
         (root / "shards").mkdir(parents=True, exist_ok=True)
         store.remove_orphans(root, manifest)
         remove_stale_tmp(root)
@@ -158,7 +191,7 @@ def import_videos(sources: list[str], out: str, fps: float | None = None, size: 
         session = manifest["sessions"]
         manifest["sessions"] = session + 1
         store.write_manifest(root, manifest)
-        pending = {s: [] for s in store.SPLITS}              # split -> [(source index, episodes)]
+        pending = {s: [] for s in store.SPLITS}  # split -> [(source index, episodes)]
         skipped, frames, shards, t0 = [], 0, 0, time.perf_counter()
 
         def flush(split: str) -> None:
@@ -171,13 +204,14 @@ def import_videos(sources: list[str], out: str, fps: float | None = None, size: 
                 store.write_manifest(root, manifest)
                 pending[split], shards = [], shards + 1
 
-        bar = tqdm(total=len(srcs), initial=len(done), unit="file", desc=f"import {name}", disable=quiet,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(srcs), initial=len(done), unit="file", desc=f"import {name}", disable=quiet, dynamic_ncols=True
+        )
         for i, src in enumerate(srcs):
             if i in done:
                 continue
             try:
-                video = decode(src, fps, size, fit, box)                              # (T, size, size, 3)
+                video = decode(src, fps, size, fit, box)  # (T, size, size, 3)
             except Exception as e:  # a damaged or unreadable file: name it, skip it, go on
                 skipped.append(f"{src}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
                 if not quiet:
@@ -185,9 +219,18 @@ def import_videos(sources: list[str], out: str, fps: float | None = None, size: 
                 bar.update()
                 continue
             split = store.split_of(i)
-            pieces = [video[c:c + episode_frames] for c in range(0, len(video), episode_frames)]
-            eps = [{"frames": p, "actions": np.zeros(len(p)), "rewards": np.zeros(len(p)), "level_seed": i,
-                    "truncated": False} for p in pieces if len(p) >= 2]     # no actions: zeros, marked absent
+            pieces = [video[c : c + episode_frames] for c in range(0, len(video), episode_frames)]
+            eps = [
+                {
+                    "frames": p,
+                    "actions": np.zeros(len(p)),
+                    "rewards": np.zeros(len(p)),
+                    "level_seed": i,
+                    "truncated": False,
+                }
+                for p in pieces
+                if len(p) >= 2
+            ]  # no actions: zeros, marked absent
             pending[split].append((i, eps))
             frames += len(video)
             bar.update()
@@ -202,12 +245,21 @@ def import_videos(sources: list[str], out: str, fps: float | None = None, size: 
     for s in manifest["shards"]:
         have[s["split"]] += s["episodes"]
     if not quiet:
-        print(f"imported {len(srcs) - len(done) - len(skipped)} of {len(srcs)} sources ({frames:,} frames) in "
-              f"{seconds:.1f} s -> {root}; episodes by split: "
-              + ", ".join(f"{k} {have.get(k, 0)}" for k in store.SPLITS)
-              + (f"; skipped {len(skipped)} unreadable file(s), named above" if skipped else ""))
+        print(
+            f"imported {len(srcs) - len(done) - len(skipped)} of {len(srcs)} sources ({frames:,} frames) in "
+            f"{seconds:.1f} s -> {root}; episodes by split: "
+            + ", ".join(f"{k} {have.get(k, 0)}" for k in store.SPLITS)
+            + (f"; skipped {len(skipped)} unreadable file(s), named above" if skipped else "")
+        )
         if not have.get("train"):
-            print("note: no source landed in the train split (source i goes to test if i % 20 == 0, val if 1): "
-                  "import 3 or more recordings to train on")
-    return {"sources": len(srcs), "imported": len(srcs) - len(done) - len(skipped), "skipped": skipped,
-            "frames": frames, "seconds": seconds}
+            print(
+                "note: no source landed in the train split (source i goes to test if i % 20 == 0, val if 1): "
+                "import 3 or more recordings to train on"
+            )
+    return {
+        "sources": len(srcs),
+        "imported": len(srcs) - len(done) - len(skipped),
+        "skipped": skipped,
+        "frames": frames,
+        "seconds": seconds,
+    }

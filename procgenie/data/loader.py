@@ -22,8 +22,9 @@ from procgenie.errors import UserError
 class ClipSampler:
     """Uniform random clips of `seq_len` frames from one split of a Dataset."""
 
-    def __init__(self, ds: Dataset, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self, ds: Dataset, split: str, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
+    ):
         self.ds, self.seq_len, self.seed = ds, seq_len, seed
         if batch_size % world:
             raise UserError(f"batch_size {batch_size} must be divisible by the number of ranks {world}")
@@ -31,8 +32,10 @@ class ClipSampler:
         eps = ds.episodes(split)
         eps = eps[eps["length"] >= seq_len]
         if len(eps) == 0:
-            raise UserError(f"{ds.root} has no {split} episode of at least {seq_len} frames: collect more "
-                            f"episodes or lower seq_len (--set seq_len=N)")
+            raise UserError(
+                f"{ds.root} has no {split} episode of at least {seq_len} frames: collect more "
+                f"episodes or lower seq_len (--set seq_len=N)"
+            )
         self.eps = eps
         # Clip starts: episode e offers length-T+1 of them; cum[e] counts those before it.
         self.cum = np.concatenate([[0], np.cumsum(eps["length"] - seq_len + 1)])
@@ -46,7 +49,7 @@ class ClipSampler:
         rng = np.random.default_rng([self.seed, step])
         idx = rng.integers(0, self.num_clips, self.batch_size)  # the global batch
         per = self.batch_size // self.world
-        return idx[self.rank * per:(self.rank + 1) * per]
+        return idx[self.rank * per : (self.rank + 1) * per]
 
     def locate(self, i: int) -> tuple[int, int]:
         """Clip i -> (shard index, first step in that shard)."""
@@ -58,8 +61,8 @@ class ClipSampler:
         """Clip i: frames (T, H, W, C) uint8 and actions (T-1,) where action t leads from frame t to t+1."""
         shard, s = self.locate(i)
         sh = self.ds.shards[shard]
-        frames = np.array(sh.frames[s:s + self.seq_len])
-        actions = sh.steps["actions"][s:s + self.seq_len - 1].astype(np.int64)
+        frames = np.array(sh.frames[s : s + self.seq_len])
+        actions = sh.steps["actions"][s : s + self.seq_len - 1].astype(np.int64)
         return frames, actions
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -67,11 +70,11 @@ class ClipSampler:
         _prefetch(self.ds, where, self.seq_len)
         B, T = len(where), self.seq_len
         frames = np.empty((B, T, *self.ds.shards[where[0][0]].frames.shape[1:]), np.uint8)  # (B, T, H, W, C)
-        actions = np.empty((B, T - 1), np.int64)                                             # (B, T-1)
+        actions = np.empty((B, T - 1), np.int64)  # (B, T-1)
         for b, (shard, s) in enumerate(where):  # copied straight into the batch: one copy per byte
             sh = self.ds.shards[shard]
-            frames[b] = sh.frames[s:s + T]
-            actions[b] = sh.steps["actions"][s:s + T - 1]
+            frames[b] = sh.frames[s : s + T]
+            actions[b] = sh.steps["actions"][s : s + T - 1]
         return {"frames": torch.from_numpy(frames), "actions": torch.from_numpy(actions)}
 
 
@@ -115,6 +118,12 @@ class StepBatches(torch.utils.data.Dataset):
 
 def batches(sampler: ClipSampler, start: int, stop: int, workers: int = 0, pin_memory: bool = False):
     """Iterate the batches of steps [start, stop), prefetched by `workers` processes."""
-    return torch.utils.data.DataLoader(StepBatches(sampler, start, stop), batch_size=None, shuffle=False,
-                                       num_workers=workers, pin_memory=pin_memory,
-                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(
+        StepBatches(sampler, start, stop),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )

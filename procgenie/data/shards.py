@@ -39,8 +39,14 @@ def write_shard(root: Path, name: str, split: str, episodes: list[dict]) -> dict
     h = hashlib.sha256()
     write_atomic(fpath, lambda tmp: _save_hashed(tmp, frames, h))
     write_atomic(spath, lambda tmp: _save_npz(tmp, steps))  # small: hashed by reading it back
-    return {"name": name, "split": split, "frames": int(len(frames)), "episodes": len(episodes),
-            "shape": list(frames.shape[1:]), "sha256": {"frames": h.hexdigest(), "steps": sha256_file(spath)}}
+    return {
+        "name": name,
+        "split": split,
+        "frames": int(len(frames)),
+        "episodes": len(episodes),
+        "shape": list(frames.shape[1:]),
+        "sha256": {"frames": h.hexdigest(), "steps": sha256_file(spath)},
+    }
 
 
 def _save_npz(tmp: str, arrays: dict) -> None:
@@ -50,9 +56,11 @@ def _save_npz(tmp: str, arrays: dict) -> None:
 
 def _save_hashed(tmp: str, arr: np.ndarray, h) -> None:
     """np.save, hashing the bytes on their way out (no second read of a large file)."""
+
     class Hashing:
         def write(self, b) -> int:
             h.update(b)
             return fh.write(b)
+
     with open(tmp, "wb") as fh:
         np.lib.format.write_array(Hashing(), arr, allow_pickle=False)

@@ -29,7 +29,6 @@ import numpy as np
 from procgenie.atomic import read_json_object, write_json_atomic
 from procgenie.data.shards import sha256_file
 from procgenie.errors import UserError
-from procgenie.vocab import ACTION_NAMES
 
 FORMAT = "procgenie-dataset"
 VERSION = 1
@@ -48,6 +47,7 @@ SPLIT_RULE = "level_seed % 20 == 0 -> test, == 1 -> val, else train"
 
 # ---------------------------------------------------------------------------------------------
 # writing (one shard's files: procgenie/data/shards.py)
+
 
 def write_manifest(root: Path, manifest: dict) -> None:
     write_json_atomic(root / "manifest.json", manifest)
@@ -68,23 +68,29 @@ def remove_orphans(root: Path, manifest: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 # reading
 
+
 def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     if not root.exists():
         raise UserError(f"no dataset at {root}: collect one with `procgenie collect --out {root} --episodes 200`")
     path = root / "manifest.json"
     if not path.exists():
-        raise UserError(f"{root} is not a procgenie dataset (no manifest.json): collect one with "
-                        f"`procgenie collect --out {root} --episodes 200`")
+        raise UserError(
+            f"{root} is not a procgenie dataset (no manifest.json): collect one with "
+            f"`procgenie collect --out {root} --episodes 200`"
+        )
     manifest = read_json_object(path, "recollect the dataset")
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a procgenie dataset manifest: collect one with `procgenie collect`")
     if manifest.get("version") != VERSION:
-        raise UserError(f"{root} has dataset format version {manifest.get('version')}, this procgenie reads "
-                        f"version {VERSION}: recollect it with this version")
+        raise UserError(
+            f"{root} has dataset format version {manifest.get('version')}, this procgenie reads "
+            f"version {VERSION}: recollect it with this version"
+        )
     if not _well_formed(manifest):  # a hand-edited manifest: named here, not as a KeyError deep inside
-        raise UserError(f"{path} is damaged (a field is missing or of the wrong type): restore it, or recollect "
-                        "the dataset")
+        raise UserError(
+            f"{path} is damaged (a field is missing or of the wrong type): restore it, or recollect the dataset"
+        )
     return manifest
 
 
@@ -93,12 +99,21 @@ RECORD = {"name": str, "split": str, "frames": int, "episodes": int, "shape": li
 
 def _well_formed(manifest: dict) -> bool:
     shards = manifest.get("shards")
-    if not isinstance(manifest.get("env"), str) or not isinstance(manifest.get("image_size"), int) \
-            or not isinstance(shards, list):
+    if (
+        not isinstance(manifest.get("env"), str)
+        or not isinstance(manifest.get("image_size"), int)
+        or not isinstance(shards, list)
+    ):
         return False
     # A record's name becomes a path: only the collector's own names, never `../` or a folder.
-    return all(isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in RECORD.items())
-               and SHARD_NAME.match(r["name"]) and r["split"] in SPLITS and r["frames"] >= 0 for r in shards)
+    return all(
+        isinstance(r, dict)
+        and all(isinstance(r.get(k), t) for k, t in RECORD.items())
+        and SHARD_NAME.match(r["name"])
+        and r["split"] in SPLITS
+        and r["frames"] >= 0
+        for r in shards
+    )
 
 
 @dataclass
@@ -139,8 +154,10 @@ def _open_frames(path: Path, record: dict) -> np.ndarray:
         raise UserError(f"shard {record['name']} is damaged ({path.name}: {e}): recollect it") from None
     want = (record["frames"], *record["shape"])
     if arr.shape != want or arr.dtype != np.uint8:
-        raise UserError(f"shard {record['name']} is damaged: {path.name} holds {arr.dtype}{arr.shape}, the "
-                        f"manifest says uint8{want}: recollect it")
+        raise UserError(
+            f"shard {record['name']} is damaged: {path.name} holds {arr.dtype}{arr.shape}, the "
+            f"manifest says uint8{want}: recollect it"
+        )
     return arr
 
 
@@ -153,8 +170,11 @@ def _open_steps(path: Path, record: dict) -> dict:
     except Exception as e:  # zipfile raises several types on damage
         raise UserError(f"shard {record['name']} is damaged ({path.name}: {e}): recollect it") from None
     n = record["frames"]
-    if any(len(steps[k]) != n for k in ("actions", "rewards", "firsts", "level_seeds")) \
-            or int(steps["firsts"].sum()) != record["episodes"] or (n and not steps["firsts"][0]):
+    if (
+        any(len(steps[k]) != n for k in ("actions", "rewards", "firsts", "level_seeds"))
+        or int(steps["firsts"].sum()) != record["episodes"]
+        or (n and not steps["firsts"][0])
+    ):
         raise UserError(f"shard {record['name']} is damaged: its step arrays disagree with the manifest: recollect it")
     return steps
 
@@ -167,8 +187,9 @@ class Dataset:
         self.manifest = read_manifest(self.root)
         self.shards = [Shard(self.root, rec) for rec in self.manifest["shards"]]
         if not self.shards:
-            raise UserError(f"{self.root} holds no episodes yet: finish the collection by rerunning its "
-                            "`procgenie collect` command")
+            raise UserError(
+                f"{self.root} holds no episodes yet: finish the collection by rerunning its `procgenie collect` command"
+            )
         total_bytes = sum(s.record["frames"] * int(np.prod(s.record["shape"])) for s in self.shards)
         # Full checksums take seconds for a dataset that fits in memory; above 2 GB, `data validate` does it.
         if verify if verify is not None else total_bytes < 2e9:
@@ -199,11 +220,29 @@ class Dataset:
                 ends = np.append(starts[1:], len(st["firsts"]))
                 ret = np.add.reduceat(st["rewards"], starts) if len(starts) else np.zeros(0)
                 for j, (a, b) in enumerate(zip(starts, ends)):
-                    rows.append((i, a, b - a, st["level_seeds"][a], ret[j], st["truncated"][j],
-                                 SPLITS.index(sh.record["split"])))
-            self._episodes = np.array(rows, dtype=[("shard", "i4"), ("start", "i8"), ("length", "i8"),
-                                                   ("level_seed", "i8"), ("ret", "f4"), ("truncated", "?"),
-                                                   ("split", "i1")])
+                    rows.append(
+                        (
+                            i,
+                            a,
+                            b - a,
+                            st["level_seeds"][a],
+                            ret[j],
+                            st["truncated"][j],
+                            SPLITS.index(sh.record["split"]),
+                        )
+                    )
+            self._episodes = np.array(
+                rows,
+                dtype=[
+                    ("shard", "i4"),
+                    ("start", "i8"),
+                    ("length", "i8"),
+                    ("level_seed", "i8"),
+                    ("ret", "f4"),
+                    ("truncated", "?"),
+                    ("split", "i1"),
+                ],
+            )
         eps = self._episodes
         return eps if split is None else eps[eps["split"] == SPLITS.index(split)]
 
@@ -211,12 +250,16 @@ class Dataset:
         """One episode's frames (L, H, W, 3) uint8 and actions (L,) int64, as arrays in memory."""
         sh = self.shards[ep["shard"]]
         sl = slice(int(ep["start"]), int(ep["start"] + ep["length"]))
-        return {"frames": np.asarray(sh.frames[sl]), "actions": sh.steps["actions"][sl].astype(np.int64),
-                "level_seed": int(ep["level_seed"])}
+        return {
+            "frames": np.asarray(sh.frames[sl]),
+            "actions": sh.steps["actions"][sl].astype(np.int64),
+            "level_seed": int(ep["level_seed"]),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # validation and summary
+
 
 def iter_problems(root: Path, manifest: dict):
     """Yield one line per damaged shard: missing, truncated, checksum mismatch, inconsistent arrays."""
@@ -244,22 +287,3 @@ def iter_problems(root: Path, manifest: dict):
             bad = {split_of(s) for s in np.unique(steps["level_seeds"])} - {rec["split"]}
             if bad:
                 yield f"shard {name} is damaged: it holds levels of the {', '.join(sorted(bad))} split"
-
-
-def summary(ds: Dataset) -> dict:
-    eps = ds.episodes()
-    actions = np.concatenate([sh.steps["actions"] for sh in ds.shards])
-    hist = np.bincount(actions, minlength=len(ACTION_NAMES)) if ds.has_actions else None
-    by_split = {}
-    for s in SPLITS:
-        e = ds.episodes(s)
-        by_split[s] = {"episodes": int(len(e)), "frames": int(e["length"].sum()),
-                       "levels": int(len(np.unique(e["level_seed"])))}
-    return {
-        "env": ds.env, "image_size": ds.image_size, "episodes": int(len(eps)), "frames": int(eps["length"].sum()),
-        "splits": by_split, "mean_episode_length": float(eps["length"].mean()),
-        "reached_coin": float((eps["ret"] > 0).mean()), "truncated": int(eps["truncated"].sum()),
-        "action_histogram": None if hist is None else {ACTION_NAMES[i] if i < len(ACTION_NAMES) else str(i): int(c)
-                                                       for i, c in enumerate(hist)},
-        "collect": ds.manifest.get("collect", {}), "import": ds.manifest.get("import"),
-    }

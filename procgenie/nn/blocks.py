@@ -104,8 +104,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BLD, mask=None, causal=False, rope=None, cache: KVCache | None = None,
-                commit: bool = False, pos=None):
+    def forward(
+        self, x_BLD, mask=None, causal=False, rope=None, cache: KVCache | None = None, commit: bool = False, pos=None
+    ):
         q, k, v = rearrange(self.qkv(x_BLD), "b l (three h k) -> three b h l k", three=3, h=self.heads)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -142,8 +143,7 @@ class STBlock(nn.Module):
         x = rearrange(x_BTND, "b t n d -> (b t) n d")
         x = x + self.spatial(self.norm_s(x))
         x = rearrange(x, "(b t) n d -> (b n) t d", b=B)
-        x = x + self.temporal(self.norm_t(x), mask=tmask, causal=True, rope=rope, cache=cache, commit=commit,
-                              pos=pos)
+        x = x + self.temporal(self.norm_t(x), mask=tmask, causal=True, rope=rope, cache=cache, commit=commit, pos=pos)
         x = x + self.mlp(self.norm_m(x))
         return rearrange(x, "(b n) t d -> b t n d", b=B)
 

@@ -43,8 +43,8 @@ def two_stream_mask(T: int, device) -> torch.Tensor:
     Masked frame i attends clean frames j < i and itself.
     """
     i = torch.arange(T - 1, device=device)
-    clean = i[:, None] >= i[None, :]                                      # clean -> clean, causal
-    masked_clean = i[:, None] + 1 > i[None, :]                            # masked i+1 -> clean j <= i
+    clean = i[:, None] >= i[None, :]  # clean -> clean, causal
+    masked_clean = i[:, None] + 1 > i[None, :]  # masked i+1 -> clean j <= i
     top = torch.cat([clean, torch.zeros_like(clean)], 1)
     bottom = torch.cat([masked_clean, torch.eye(T - 1, dtype=torch.bool, device=device)], 1)
     return torch.cat([top, bottom], 0)
@@ -69,19 +69,26 @@ class Rollout:
 
 
 class Dynamics(StageModel):
-    def __init__(self, cfg: DynamicsConfig, vocab: int, positions: int, codes_per_position: int, num_actions: int,
-                 fsq_levels: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        cfg: DynamicsConfig,
+        vocab: int,
+        positions: int,
+        codes_per_position: int,
+        num_actions: int,
+        fsq_levels: tuple[int, ...] | None = None,
+    ):
         super().__init__()
         self.cfg, D = cfg, cfg.width
         self.V, self.N, self.G, self.A = vocab, positions, codes_per_position, num_actions
         self.mask_id = vocab
-        self.real = cfg.actions == "real"                                  # Procgen's actions, not the LAM's
-        self.levels = tuple(fsq_levels) if fsq_levels else None            # FSQ: a code's levels per channel
+        self.real = cfg.actions == "real"  # Procgen's actions, not the LAM's
+        self.levels = tuple(fsq_levels) if fsq_levels else None  # FSQ: a code's levels per channel
         if cfg.decode == "mean" and self.levels is None:
             raise UserError("dynamics decode='mean' needs an FSQ tokenizer: use decode='sample' with a VQ tokenizer")
-        self.code_embed = nn.Embedding(self.G * (vocab + 1), D)           # one table per code slot
-        self.action_embed = nn.Embedding(num_actions + 1, D)               # + "unknown": before frame 1, or dropped
-        self.target = nn.Parameter(torch.zeros(D))                         # marks the masked stream
+        self.code_embed = nn.Embedding(self.G * (vocab + 1), D)  # one table per code slot
+        self.action_embed = nn.Embedding(num_actions + 1, D)  # + "unknown": before frame 1, or dropped
+        self.target = nn.Parameter(torch.zeros(D))  # marks the masked stream
         self.token_cond = cfg.action_cond == "token"
         self.transformer = STTransformer(D, cfg.depth, cfg.heads, positions + self.token_cond)
         self.head = nn.Linear(D, self.G * vocab)
@@ -95,14 +102,14 @@ class Dynamics(StageModel):
 
     # -- embedding ------------------------------------------------------------------------------
     def _embed(self, codes_BTNG, actions_BT, masked: bool) -> torch.Tensor:
-        x = self.code_embed(codes_BTNG + self.slot).sum(-2)               # (B, T, N, D)
+        x = self.code_embed(codes_BTNG + self.slot).sum(-2)  # (B, T, N, D)
         if masked:
             x = x + self.target
-        a = self.action_embed(actions_BT)[:, :, None]                      # (B, T, 1, D)
+        a = self.action_embed(actions_BT)[:, :, None]  # (B, T, 1, D)
         return torch.cat([a, x], 2) if self.token_cond else x + a
 
     def _logits(self, h_BTND) -> torch.Tensor:
-        h = h_BTND[:, :, -self.N:]
+        h = h_BTND[:, :, -self.N :]
         return rearrange(self.head(h), "b t n (g v) -> b t n g v", g=self.G)
 
     # -- training -------------------------------------------------------------------------------
@@ -139,7 +146,7 @@ class Dynamics(StageModel):
             acc = ((logits.argmax(-1) == target).flatten().float() * mask.flatten()).sum() / mask.sum()
         else:
             # Only the masked codes' logits (M, V) go to float32: a float copy of all of them costs time.
-            logits, target = logits[mask].float(), target[mask]             # (M, V), (M,)
+            logits, target = logits[mask].float(), target[mask]  # (M, V), (M,)
             ce = F.cross_entropy(logits, target)
             acc = (logits.argmax(-1) == target).float().mean()
         return ce, {"ce": ce.detach(), "acc": acc.detach()}  # tensors: the training loop reads them
@@ -148,26 +155,38 @@ class Dynamics(StageModel):
         """Logits (B, T-1, N, G, V) for frames 2..T, each from the clean frames before it and its own
         codes masked where mask (B, T-1, N, G) is set; frame t+1 is conditioned on action a_t."""
         T = codes_BTNG.shape[1]
-        act_in = F.pad(actions_BT, (1, 0), value=self.A)                   # frame t gets a_{t-1}
+        act_in = F.pad(actions_BT, (1, 0), value=self.A)  # frame t gets a_{t-1}
         masked = codes_BTNG[:, 1:].masked_fill(mask_BTNG, self.mask_id)
-        x = torch.cat([self._embed(codes_BTNG[:, :-1], act_in[:, :-1], False),
-                       self._embed(masked, act_in[:, 1:], True)], 1)
+        x = torch.cat(
+            [self._embed(codes_BTNG[:, :-1], act_in[:, :-1], False), self._embed(masked, act_in[:, 1:], True)], 1
+        )
         pos = torch.cat([torch.arange(T - 1), torch.arange(1, T)]).to(codes_BTNG.device)
         h = self.transformer(x, tmask=two_stream_mask(T, codes_BTNG.device), pos=pos)
-        return self._logits(h[:, T - 1:])
+        return self._logits(h[:, T - 1 :])
 
     # -- generation -----------------------------------------------------------------------------
     def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor) -> Rollout:
         """Fill a key/value cache with context frames (B, C, N, G) and the actions that led to them (B, C)."""
         caches = self.transformer.new_caches(self.cfg.seq_len - 1)
         C, dev = codes_BCNG.shape[1], codes_BCNG.device
-        self.transformer(self._embed(codes_BCNG, actions_BC, False), tmask=window_mask(C, self.cfg.seq_len - 1, dev),
-                         pos=torch.arange(C, device=dev), caches=caches, commit=True)
+        self.transformer(
+            self._embed(codes_BCNG, actions_BC, False),
+            tmask=window_mask(C, self.cfg.seq_len - 1, dev),
+            pos=torch.arange(C, device=dev),
+            caches=caches,
+            commit=True,
+        )
         return Rollout(caches, C)
 
     @torch.no_grad()
-    def step(self, state: Rollout, action_B: torch.Tensor, steps: int | None = None, temperature: float | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self,
+        state: Rollout,
+        action_B: torch.Tensor,
+        steps: int | None = None,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Generate the next frame's codes (B, N, G) after taking latent action `action_B`. The frame enters the
         key/value cache in the next call's first round."""
         steps = steps or self.cfg.maskgit_steps
@@ -185,16 +204,16 @@ class Dynamics(StageModel):
                 h = self.transformer(x, pos=torch.tensor([t - 1, t], device=dev), caches=caches, commit=1)[:, 1:]
             else:
                 h = self.transformer(x, pos=torch.tensor([t], device=dev), caches=caches)
-            logits = self._logits(h)[:, 0].float()                              # (B, N, G, V)
+            logits = self._logits(h)[:, 0].float()  # (B, N, G, V)
             if self.real and self.cfg.guidance != 1:  # the same frame under "unknown", after the pending frame joined
                 x = self._embed(codes, torch.full_like(action_B, self.A)[:, None], True)
                 free = self._logits(self.transformer(x, pos=torch.tensor([t], device=dev), caches=caches))[:, 0].float()
                 logits = free + self.cfg.guidance * (logits - free)
             sample, conf = self._pick(logits, decode, temperature, generator)  # (B, N, G) each
             known = codes[:, 0] != self.mask_id
-            conf = conf.masked_fill(known, math.inf)                        # known codes stay
+            conf = conf.masked_fill(known, math.inf)  # known codes stay
             sample = torch.where(known, codes[:, 0], sample)
-            still_masked = int(total * math.cos(math.pi / 2 * (k + 1) / steps))   # cosine schedule
+            still_masked = int(total * math.cos(math.pi / 2 * (k + 1) / steps))  # cosine schedule
             keep = total - still_masked
             order = conf.reshape(B, -1).argsort(-1, descending=True)
             chosen = torch.zeros(B, total, dtype=torch.bool, device=dev)
@@ -211,7 +230,7 @@ class Dynamics(StageModel):
             return code, probs.gather(-1, code[..., None])[..., 0]
         # decode == "mean": each FSQ channel's marginal (channel 0 varies fastest in a code index), its expected
         # level rounded; the confidence is the product of the chosen levels' marginals.
-        joint = probs.unflatten(-1, self.levels[::-1])                     # (B, N, G, L_Q-1, ..., L_0)
+        joint = probs.unflatten(-1, self.levels[::-1])  # (B, N, G, L_Q-1, ..., L_0)
         code, conf, stride = 0, 1, 1
         for q, L in enumerate(self.levels):
             axis = joint.dim() - 1 - q

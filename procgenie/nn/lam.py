@@ -27,7 +27,7 @@ class LAM(StageModel):
         super().__init__()
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.width
-        self.tokens = (cfg.image_size // p) ** 2                          # N
+        self.tokens = (cfg.image_size // p) ** 2  # N
         # The encoder sees each frame and its change since the last one: actions are about motion.
         self.embed_enc = nn.Linear(p * p * 3 * (1 + cfg.motion_input), D)
         self.embed = nn.Linear(p * p * 3, D)
@@ -50,7 +50,7 @@ class LAM(StageModel):
         """Latent actions of the T-1 transitions: codes (B, T-1)."""
         f = self._pixels(frames_BTHWC)
         if self.cfg.motion_input:
-            prev = torch.cat([f[:, :1], f[:, :-1]], 1)                    # frame 0 counts as unchanged
+            prev = torch.cat([f[:, :1], f[:, :-1]], 1)  # frame 0 counts as unchanged
             f = torch.cat([f, f - prev], -1)
         x = self.embed_enc(f)
         B, T = x.shape[:2]
@@ -62,10 +62,10 @@ class LAM(StageModel):
     def _predict(self, frames_BTHWC, z_BTC) -> torch.Tensor:
         """Given frames x_1..x_t (B, T, ...) and action vectors a_1..a_t (B, T, C): x_2..x_{t+1} in [0, 1]."""
         x = self.embed(self._pixels(frames_BTHWC))
-        a = self.from_code(z_BTC)[:, :, None]                              # (B, T, 1, D)
+        a = self.from_code(z_BTC)[:, :, None]  # (B, T, 1, D)
         x = torch.cat([a, x], 2) if self.token_cond else x + a
         h = self.decoder(x, tmask=window_mask(x.shape[1], self.cfg.seq_len, x.device))
-        delta = unpatchify(self.to_pixels(h[:, :, -self.tokens:]), self.cfg.patch_size, self.cfg.image_size)
+        delta = unpatchify(self.to_pixels(h[:, :, -self.tokens :]), self.cfg.patch_size, self.cfg.image_size)
         return to_float(frames_BTHWC) + delta  # predicted as a change of the last frame
 
     def set_step(self, step: int, total: int) -> None:
@@ -73,13 +73,16 @@ class LAM(StageModel):
         self.quantizing = step >= self.cfg.continuous_frac * total
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        frames = batch["frames"]                                           # (B, T, H, W, C) uint8
+        frames = batch["frames"]  # (B, T, H, W, C) uint8
         q = self._infer(frames)
         pred = self._predict(frames[:, :-1], q.z)
         target = to_float(frames[:, 1:])
         mse = F.mse_loss(pred.float(), target)
-        return mse + q.loss, {"mse": mse.detach(), "psnr": psnr(pred.detach().clamp(0, 1), target),
-                              **usage(q.codes, self.cfg.num_actions)}
+        return mse + q.loss, {
+            "mse": mse.detach(),
+            "psnr": psnr(pred.detach().clamp(0, 1), target),
+            **usage(q.codes, self.cfg.num_actions),
+        }
 
     @torch.no_grad()
     def infer(self, frames_BTHWC: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 @dataclass
 class Quantized:
-    z: torch.Tensor        # (..., dim) quantized vectors, gradients pass straight through
-    codes: torch.Tensor    # (...) int64 code indices
-    loss: torch.Tensor     # scalar auxiliary loss (0 for FSQ)
+    z: torch.Tensor  # (..., dim) quantized vectors, gradients pass straight through
+    codes: torch.Tensor  # (...) int64 code indices
+    loss: torch.Tensor  # scalar auxiliary loss (0 for FSQ)
 
 
 def usage(codes: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
@@ -33,7 +33,7 @@ def usage(codes: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
 
     Fixed shapes and no reads back to Python, so that a compiled training step stays one graph."""
     codes = codes.flatten()
-    valid = (codes >= 0) & (codes < size)                                # NaN inputs give junk codes
+    valid = (codes >= 0) & (codes < size)  # NaN inputs give junk codes
     hist = torch.zeros(size, device=codes.device).index_add_(0, codes.clamp(0, size - 1), valid.float())
     p = hist / hist.sum().clamp(min=1)
     entropy = -(p * p.clamp(min=1e-12).log()).sum()

@@ -53,10 +53,10 @@ class Tokenizer(StageModel):
         super().__init__()
         self.cfg = cfg
         p, D = cfg.patch_size, cfg.width
-        self.grid = cfg.image_size // p                     # h = w
-        self.tokens = self.grid ** 2                         # N
+        self.grid = cfg.image_size // p  # h = w
+        self.tokens = self.grid**2  # N
         stages = p.bit_length() - 1
-        if cfg.stem_channels and 2 ** stages == p:
+        if cfg.stem_channels and 2**stages == p:
             self.stem, self.head = conv_stem(cfg.stem_channels, stages, D), conv_head(cfg.stem_channels, stages, D)
         else:  # plain ViT patches
             self.stem = nn.Conv2d(3, D, p, stride=p)
@@ -73,7 +73,7 @@ class Tokenizer(StageModel):
         self.from_code = nn.Linear(G * Q, D)
         init_weights(self)
         # Unit-scale quantizer inputs: with the small default, FSQ rounds nearly everything to one code.
-        nn.init.normal_(self.to_code.weight, std=D ** -0.5)
+        nn.init.normal_(self.to_code.weight, std=D**-0.5)
 
     @property
     def vocab(self) -> int:
@@ -102,13 +102,12 @@ class Tokenizer(StageModel):
 
     # -- the model's interface ------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        frames = batch["frames"]                                   # (B, T, H, W, C) uint8
+        frames = batch["frames"]  # (B, T, H, W, C) uint8
         q = self._encode(frames)
         recon = self._decode(q.z)
         target = to_float(frames)
         mse = F.mse_loss(recon.float(), target)
-        metrics = {"mse": mse.detach(), "psnr": psnr(recon.detach().clamp(0, 1), target),
-                   **usage(q.codes, self.vocab)}
+        metrics = {"mse": mse.detach(), "psnr": psnr(recon.detach().clamp(0, 1), target), **usage(q.codes, self.vocab)}
         return mse + q.loss, metrics
 
     @torch.no_grad()

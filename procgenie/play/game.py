@@ -27,28 +27,39 @@ from procgenie.starts import Starts
 from procgenie.video import encode_video, upscale
 from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS, key_action
 
-FPS = 15                    # target frames per second of each connection
-MAX_SESSIONS = 4            # connections at once; more are told the server is full
-MAX_WS_FRAME = 1 << 20      # websocket frames past this close that connection (code 1009), as the protocol says
-MAX_RECORD = 600            # frames in one recording (40 s at 15 fps); then it stops and is sent
-RECORD_SCALE = 3            # nearest-neighbour upscale of recorded GIFs (x4 makes them twice as big)
+FPS = 15  # target frames per second of each connection
+MAX_SESSIONS = 4  # connections at once; more are told the server is full
+MAX_WS_FRAME = 1 << 20  # websocket frames past this close that connection (code 1009), as the protocol says
+MAX_RECORD = 600  # frames in one recording (40 s at 15 fps); then it stops and is sent
+RECORD_SCALE = 3  # nearest-neighbour upscale of recorded GIFs (x4 makes them twice as big)
 KIND_FRAME, KIND_GIF = 1, 2
-CONTROLS = ("arrows / WASD move, up / W / space jump (held keys combine), 1..{k} take latent action k-1 directly, "
-            "R new level, P pause, E one step while paused, G record a GIF (again: stop and save)")
-RECORDING_CONTROLS = ("1..{k} take latent action k-1 (none held: latent {idle}, what the recordings mostly do next), "
-                      "R another recording, P pause, E one step while paused, G record a GIF (again: stop and save)")
+CONTROLS = (
+    "arrows / WASD move, up / W / space jump (held keys combine), 1..{k} take latent action k-1 directly, "
+    "R new level, P pause, E one step while paused, G record a GIF (again: stop and save)"
+)
+RECORDING_CONTROLS = (
+    "1..{k} take latent action k-1 (none held: latent {idle}, what the recordings mostly do next), "
+    "R another recording, P pause, E one step while paused, G record a GIF (again: stop and save)"
+)
 
 
 class Hub:
     """What every connection shares: the world model, the one thread that runs it, and the players."""
 
-    def __init__(self, wm, maskgit_steps: int | None = None, level: int | None = None, fps: float = FPS,
-                 max_sessions: int = MAX_SESSIONS, data: str | None = None):
+    def __init__(
+        self,
+        wm,
+        maskgit_steps: int | None = None,
+        level: int | None = None,
+        fps: float = FPS,
+        max_sessions: int = MAX_SESSIONS,
+        data: str | None = None,
+    ):
         self.wm, self.level, self.fps, self.max_sessions = wm.fast_weights(), level, fps, max_sessions
         self.steps = wm.play_steps(maskgit_steps)
         self.context = context_length(wm)
         self.starts = Starts(wm, data)
-        self.latent_to_real = self.real_to_latent = None                   # keys -> latents: only where data had keys
+        self.latent_to_real = self.real_to_latent = None  # keys -> latents: only where data had keys
         if wm.procgen:
             if not wm.has_key_map:
                 raise UserError(f"{wm.run_dir}/lam has no action_map.json: retrain the lam stage to write it")
@@ -71,13 +82,22 @@ class Hub:
             fn()
 
     def hello(self) -> dict:
-        return {"type": "hello", "num_latent_actions": self.wm.num_latent_actions, "action_kind": self.wm.play_kind,
-                "fps": self.fps,
-                "maskgit_steps": self.steps, "context": self.context, "size": self.wm.image_size,
-                "real_actions": list(MOVES), "controls": self.controls(), "world": "procgen" if self.wm.procgen
-                else "recordings", "name": self.wm.env, "recordings": self.starts.count,
-                "latent_to_real": self.latent_to_real,
-                "real_to_latent": self.real_to_latent}
+        return {
+            "type": "hello",
+            "num_latent_actions": self.wm.num_latent_actions,
+            "action_kind": self.wm.play_kind,
+            "fps": self.fps,
+            "maskgit_steps": self.steps,
+            "context": self.context,
+            "size": self.wm.image_size,
+            "real_actions": list(MOVES),
+            "controls": self.controls(),
+            "world": "procgen" if self.wm.procgen else "recordings",
+            "name": self.wm.env,
+            "recordings": self.starts.count,
+            "latent_to_real": self.latent_to_real,
+            "real_to_latent": self.real_to_latent,
+        }
 
     def controls(self) -> str:
         k = min(9, self.wm.num_latent_actions)  # number keys 1..9
@@ -94,24 +114,25 @@ class Player:
         self.paused = False
         self.resume = asyncio.Event()
         self.resume.set()
-        self.lock = asyncio.Lock()          # one model step or reset at a time for this session
-        self.send_lock = asyncio.Lock()     # frames and replies come from two tasks
+        self.lock = asyncio.Lock()  # one model step or reset at a time for this session
+        self.send_lock = asyncio.Lock()  # frames and replies come from two tasks
         self.session = self.env = None
         self.level, self.step_no, self.episodes, self.fps = None, 0, 0, 0.0
-        self.recording: list[np.ndarray] | None = None      # (S, 2S + gap, 3) frames while recording
-        self.saving: asyncio.Task | None = None              # the GIF being encoded and sent
+        self.recording: list[np.ndarray] | None = None  # (S, 2S + gap, 3) frames while recording
+        self.saving: asyncio.Task | None = None  # the GIF being encoded and sent
         self.last_frame_t: float | None = None
 
     # -- model-thread work ----------------------------------------------------------------------
     def _start(self, level: int, seed: int):
-        env, ctx = self.hub.starts.open(level, self.hub.context, seed)              # ctx (C, S, S, 3), under no-ops
+        env, ctx = self.hub.starts.open(level, self.hub.context, seed)  # ctx (C, S, S, 3), under no-ops
         noops = np.full((1, len(ctx) - 1), NOOP)
         return env, ctx, self.hub.wm.play_session(ctx[None], noops, steps=self.hub.steps, seed=seed)
 
     def _step(self, latent: int, real: int):
         import torch
-        action = real if self.hub.wm.play_kind == "real" else latent                # what the dream's model takes
-        dream = self.session.step(torch.tensor([action]))[0]                          # (S, S, 3)
+
+        action = real if self.hub.wm.play_kind == "real" else latent  # what the dream's model takes
+        dream = self.session.step(torch.tensor([action]))[0]  # (S, S, 3)
         self.env.act(np.array([real]))
         _, obs, first = self.env.observe()
         return dream, obs["rgb"][0], bool(first[0])
@@ -124,8 +145,11 @@ class Player:
             if self.env is not None:
                 self.hub.later(self.env.close)
             self.env, self.session, self.level, self.step_no, self.episodes = env, session, level, 0, 0
-        await self.send_frame(ctx[-1], ctx[-1], {"action": "start", "real": NOOP, "latent": None, "source": None,
-                                                 "ms": 0.0, "real_done": False})
+        await self.send_frame(
+            ctx[-1],
+            ctx[-1],
+            {"action": "start", "real": NOOP, "latent": None, "source": None, "ms": 0.0, "real_done": False},
+        )
 
     def choose(self) -> tuple[int, int, str]:
         """(latent, real, source) for the next step: a held number key, else the held arrows (a world learned
@@ -157,8 +181,18 @@ class Player:
                 await self.stop_recording()
         if source == "keys" and self.hub.wm.play_kind == "real":
             latent = None  # the dream took the key itself
-        await self.send_frame(dream, real_frame, {"action": MOVES[real], "real": real, "latent": latent,
-                                                  "source": source, "ms": round(ms, 1), "real_done": done})
+        await self.send_frame(
+            dream,
+            real_frame,
+            {
+                "action": MOVES[real],
+                "real": real,
+                "latent": latent,
+                "source": source,
+                "ms": round(ms, 1),
+                "real_done": done,
+            },
+        )
 
     async def run(self) -> None:
         """Step at the target rate while not paused; when late, go on at once rather than catch up."""
@@ -183,8 +217,9 @@ class Player:
         fps = min(self.hub.fps, self.fps or self.hub.fps)  # play the GIF back at the speed it was played
         gif = await asyncio.get_running_loop().run_in_executor(None, _gif, frames, fps)
         with contextlib.suppress(ConnectionError):
-            await self.send(KIND_GIF, {"name": f"procgenie-level{self.level}-step{self.step_no}.gif",
-                                       "frames": len(frames)}, gif)
+            await self.send(
+                KIND_GIF, {"name": f"procgenie-level{self.level}-step{self.step_no}.gif", "frames": len(frames)}, gif
+            )
 
     # -- messages -------------------------------------------------------------------------------
     async def handle(self, text: str) -> None:
@@ -229,8 +264,14 @@ class Player:
             await self.ws.send_str(json.dumps(obj))
 
     def state(self) -> dict:
-        return {"step": self.step_no, "level": self.level, "paused": self.paused, "fps": round(self.fps, 1),
-                "recording": None if self.recording is None else len(self.recording), "episodes": self.episodes}
+        return {
+            "step": self.step_no,
+            "level": self.level,
+            "paused": self.paused,
+            "fps": round(self.fps, 1),
+            "recording": None if self.recording is None else len(self.recording),
+            "episodes": self.episodes,
+        }
 
     async def send_state(self) -> None:
         await self.send_json({"type": "state", **self.state()})
@@ -247,11 +288,9 @@ class Player:
 
 
 def _gif(frames: list[np.ndarray], fps: float) -> bytes:
-    return encode_video(upscale(np.stack(frames), RECORD_SCALE), ".gif", fps)   # (T, S*k, (2S+gap)*k, 3)
+    return encode_video(upscale(np.stack(frames), RECORD_SCALE), ".gif", fps)  # (T, S*k, (2S+gap)*k, 3)
 
 
 def side_by_side(dream: np.ndarray, real: np.ndarray, gap: int = 2) -> np.ndarray:
     """(S, S, 3) x 2 -> (S, 2S + gap, 3): the dream left, the real game right, a dark gap between."""
     return np.concatenate([dream, np.full((dream.shape[0], gap, 3), 24, np.uint8), real], axis=1)
-
-

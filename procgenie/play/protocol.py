@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-MAX_MESSAGE = 1024          # bytes in one client message; longer ones get an error reply
+MAX_MESSAGE = 1024  # bytes in one client message; longer ones get an error reply
 NONE = type(None)
 MESSAGES = {  # type -> {field: allowed types}; `bool` is not accepted for `int`
     "input": {"left": (bool,), "right": (bool,), "up": (bool,), "down": (bool,), "latent": (int, NONE)},

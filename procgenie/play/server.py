@@ -132,8 +132,9 @@ def listen(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
         raise UserError(f"--port must lie in 0..65535, got {port}")
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ]
     except socket.gaierror:
         raise UserError(f"--host {host} is not an address this machine knows: use 127.0.0.1") from None
     sock = socket.socket(family, kind, proto)
@@ -144,8 +145,10 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is already in use: stop what uses it, or choose another "
-                            f"port with --port N (e.g. --port {port + 1})") from None
+            raise UserError(
+                f"port {port} on {host} is already in use: stop what uses it, or choose another "
+                f"port with --port N (e.g. --port {port + 1})"
+            ) from None
         if e.errno == errno.EACCES:
             raise UserError(f"port {port} needs privileges: choose one above 1023 with --port N") from None
         if e.errno == errno.EADDRNOTAVAIL:
@@ -155,28 +158,40 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, maskgit_steps: int | None = None,
-          level: int | None = None, fps: float = FPS, max_sessions: int = MAX_SESSIONS,
-          precision: str = "auto", data: str | None = None) -> None:
+def serve(
+    checkpoint,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    maskgit_steps: int | None = None,
+    level: int | None = None,
+    fps: float = FPS,
+    max_sessions: int = MAX_SESSIONS,
+    precision: str = "auto",
+    data: str | None = None,
+) -> None:
     """Serve the play page until Ctrl-C. data: for a world learned from recordings, the dataset to start from."""
     from procgenie.world import WorldModel
+
     if level is not None and not 0 <= level < 2**31 - 1:
         raise UserError(f"--start-level must lie in 0..{2**31 - 2}, got {level}")
     if not 0 < fps <= 1000 or max_sessions < 1:
         raise UserError(f"--fps must lie in (0, 1000] and --max-players be at least 1, got {fps:g} and {max_sessions}")
     sock = listen(host, port)  # first: a busy port fails at once, before the model loads
     try:
-        hub = Hub(WorldModel.from_pretrained(checkpoint, precision=precision), maskgit_steps, level, fps, max_sessions,
-                  data)
+        hub = Hub(
+            WorldModel.from_pretrained(checkpoint, precision=precision), maskgit_steps, level, fps, max_sessions, data
+        )
     except BaseException:
         sock.close()
         raise
     logging.basicConfig(level=logging.WARNING, format="procgenie play: %(message)s")
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(f"procgenie play: open http://{shown}:{bound}/  (model {hub.wm.run_dir}, {hub.wm.num_latent_actions} "
-          f"latent actions, {hub.steps} MaskGIT steps, {hub.wm.precision}, {fps:g} fps target, "
-          f"{max_sessions} players at most)")
+    print(
+        f"procgenie play: open http://{shown}:{bound}/  (model {hub.wm.run_dir}, {hub.wm.num_latent_actions} "
+        f"latent actions, {hub.steps} MaskGIT steps, {hub.wm.precision}, {fps:g} fps target, "
+        f"{max_sessions} players at most)"
+    )
     print(f"controls: {hub.controls()}; Ctrl-C stops the server")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {host}: other machines that reach it can play too")
