@@ -192,6 +192,29 @@ def test_dynamics_loss_for_torch_compile_equals_the_indexed_loss(monkeypatch):
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())
 
 
+def test_changed_weight_weighs_the_masked_codes_that_differ_from_the_previous_frame():
+    """changed_weight=w: each masked code's cross-entropy counts w times where its code differs from the previous
+    frame's at the same place, once where it stays; the weighted mean is over the masked codes only."""
+    codes = torch.randint(0, 50, (3, 4, 6, 2))
+    codes[:, 1:, :3] = codes[:, :1, :3]  # half the places keep their codes over time
+    actions = torch.randint(0, 4, (3, 3))
+    model = make_dynamics(changed_weight=4.0).train()
+    torch.manual_seed(5)
+    ce, _ = model.code_loss(codes, actions)
+    torch.manual_seed(5)  # the same mask rate and mask, drawn as code_loss draws them
+    rate = torch.empty(3, 3, 1, 1).uniform_(model.cfg.mask_min, model.cfg.mask_max)
+    mask = torch.rand(3, 3, 6, 2) < rate
+    logits, target = model.teacher_forced_logits(codes, actions, mask), codes[:, 1:]
+    each = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="none").view(mask.shape)
+    w = torch.where(target != codes[:, :-1], 4.0, 1.0) * mask
+    assert torch.allclose(ce, (each * w).sum() / w.sum(), rtol=1e-5)
+    plain = (each * mask).sum() / mask.sum()
+    assert not torch.allclose(ce, plain, rtol=1e-3)  # the weighting changed the loss on this batch
+    model.cfg.changed_weight = 1.0
+    torch.manual_seed(5)
+    assert torch.allclose(model.code_loss(codes, actions)[0], plain, rtol=1e-5)
+
+
 def test_mean_decoding_rounds_each_channels_expected_level():
     """decode='mean' picks, per FSQ channel, the expected level under the model's distribution over the codebook,
     rounded (levels as the tokenizer's FSQ numbers its codes); its confidence is the product of the picked levels'
