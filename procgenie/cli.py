@@ -37,6 +37,22 @@ def _precision_arg(parser, what: str, default: str | None = "auto") -> None:
     )
 
 
+def _checkpoint_arg(parser, what: str = "") -> None:
+    parser.add_argument("--checkpoint", default=None, help=f"run folder{what} (default: the bundled model)")
+
+
+def _maskgit_arg(parser, default: str = "the model's") -> None:
+    parser.add_argument("--maskgit-steps", type=_at_least_1, default=None, help=f"MaskGIT steps (default: {default})")
+
+
+def _recordings_arg(parser) -> None:
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="a world learned from recordings: the dataset to start from (default: the one it was trained on)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from procgenie.config import PRESETS
     from procgenie.overrides import help_text
@@ -160,13 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a world model on the test split",
         description="Writes metrics.json, pictures, plots, a GIF and report.html into --out.",
     )
-    e.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
+    _checkpoint_arg(e)
     e.add_argument("--data", required=True, help="dataset folder; its test split is used")
     e.add_argument("--out", required=True, help="folder for the report")
     e.add_argument("--episodes", type=int, default=32, help="test episodes (default 32)")
     e.add_argument("--context", type=int, default=4, help="context frames (default 4)")
     e.add_argument("--horizon", type=int, default=10, help="frames generated after the context (default 10)")
-    e.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps (default: the model's)")
+    _maskgit_arg(e)
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _precision_arg(e, "evaluate")
     e.set_defaults(fn=commands.eval)
@@ -176,23 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="play the learned world in a browser",
         description="Serves a page on which you play the learned world with the keyboard.",
     )
-    pl.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
+    _checkpoint_arg(pl)
     pl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pl.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _maskgit_arg(pl, "1 where the model decodes by expected level, else the smaller of 2 and the model's own")
     pl.add_argument(
-        "--maskgit-steps",
-        type=_at_least_1,
+        "--start-level",
+        dest="level",
+        metavar="START_LEVEL",
+        type=int,
         default=None,
-        help="MaskGIT steps per frame (default: the smaller of 4 and the model's own)",
+        help="first level seed (default: random test level)",
     )
-    pl.add_argument("--start-level", type=int, default=None, help="first level seed (default: random test level)")
-    pl.add_argument(
-        "--data",
-        default=None,
-        help="a world learned from recordings: the dataset to start from (default: the one it was trained on)",
-    )
+    _recordings_arg(pl)
     pl.add_argument("--fps", type=float, default=15.0, help="target frames per second of each player (default 15)")
-    pl.add_argument("--max-players", type=int, default=4, help="connections served at once (default 4)")
+    pl.add_argument(
+        "--max-players",
+        dest="max_sessions",
+        metavar="N",
+        type=int,
+        default=4,
+        help="connections served at once (default 4)",
+    )
     _precision_arg(pl, "play")
     pl.set_defaults(fn=commands.play)
 
@@ -205,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Starts from a real Procgen level and lets the world model dream on.",
         epilog=ACTIONS_HELP,
     )
-    dr.add_argument("--checkpoint", default=None, help="run folder (default: the bundled model)")
+    _checkpoint_arg(dr)
     dr.add_argument("--out", required=True, help="FILE.gif or FILE.mp4")
     dr.add_argument(
         "--actions",
@@ -221,14 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="start level seed (default: a test level; for a world "
         "learned from recordings, the number of a test recording)",
     )
-    dr.add_argument(
-        "--data",
-        default=None,
-        help="a world learned from recordings: the dataset to start from (default: the one it was trained on)",
-    )
+    _recordings_arg(dr)
     dr.add_argument("--fps", type=int, default=15, help="frames per second of the file (default 15)")
     dr.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    dr.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps (default: the model's)")
+    _maskgit_arg(dr)
     _precision_arg(dr, "dream")
     dr.set_defaults(fn=commands.dream)
 
@@ -239,13 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--set takes the keys that `procgenie train --help` lists, e.g. --set compile=true "
         "or --set dynamics.act_ckpt=false; they change the timed training only.",
     )
-    b.add_argument("--checkpoint", default=None, help="run folder for play timings (default: the bundled model)")
-    b.add_argument("--json", default=None, help="write the results to this JSON file")
+    _checkpoint_arg(b, " for play timings")
+    b.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="write the results to this JSON file")
     b.add_argument("--preset", default="cpu", choices=PRESETS, help="preset whose training is timed (default cpu)")
     b.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement (default 10)")
-    b.add_argument("--maskgit-steps", type=_at_least_1, default=None, help="MaskGIT steps for play (default: play's)")
+    _maskgit_arg(b, "play's")
     b.add_argument(
         "--set",
+        dest="overrides",
         nargs="*",
         action="extend",
         default=[],

@@ -10,22 +10,15 @@ from pathlib import Path
 from procgenie.errors import UserError
 
 
+def _options(a) -> dict:
+    """The parsed options under the names of the function they go to (cli.py gives each option that name)."""
+    return {k: v for k, v in vars(a).items() if k not in ("command", "fn", "action")}
+
+
 def collect(a) -> None:
     from procgenie.data.collect import collect
 
-    collect(
-        a.out,
-        a.episodes,
-        env=a.env,
-        policy=a.policy,
-        start_level=a.start_level,
-        num_levels=a.num_levels,
-        max_steps=a.max_steps,
-        seed=a.seed,
-        workers=a.workers,
-        envs=a.envs,
-        shard_frames=a.shard_frames,
-    )
+    collect(**_options(a))
 
 
 def data(a) -> None:
@@ -76,9 +69,7 @@ def data(a) -> None:
 def import_(a) -> None:
     from procgenie.data.importer import import_videos
 
-    import_videos(
-        a.sources, a.out, fps=a.fps, size=a.size, fit=a.fit, crop=a.crop, episode_frames=a.episode_frames, name=a.name
-    )
+    import_videos(**_options(a))
 
 
 def train(a) -> None:
@@ -91,61 +82,22 @@ def train(a) -> None:
 def eval(a) -> None:
     from procgenie.evaluate import evaluate
 
-    evaluate(
-        a.checkpoint,
-        a.data,
-        a.out,
-        episodes=a.episodes,
-        context=a.context,
-        horizon=a.horizon,
-        maskgit_steps=a.maskgit_steps,
-        seed=a.seed,
-        precision=a.precision,
-    )
+    evaluate(**_options(a))
 
 
 def play(a) -> None:
     from procgenie.play.server import serve
 
-    serve(
-        a.checkpoint,
-        host=a.host,
-        port=a.port,
-        maskgit_steps=a.maskgit_steps,
-        level=a.start_level,
-        fps=a.fps,
-        max_sessions=a.max_players,
-        precision=a.precision,
-        data=a.data,
-    )
+    serve(**_options(a))
 
 
 def dream(a) -> None:
     from procgenie.dream import dream
 
-    dream(
-        a.checkpoint,
-        a.out,
-        actions=a.actions,
-        steps=a.steps,
-        level=a.level,
-        fps=a.fps,
-        seed=a.seed,
-        maskgit_steps=a.maskgit_steps,
-        precision=a.precision,
-        data=a.data,
-    )
+    dream(**_options(a))
 
 
 def bench(a) -> None:
     from procgenie.bench import bench
 
-    bench(
-        a.checkpoint,
-        json_path=a.json,
-        seconds=a.seconds,
-        maskgit_steps=a.maskgit_steps,
-        preset=a.preset,
-        precision=a.precision,
-        overrides=a.set,
-    )
+    bench(**_options(a))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import socket
 import subprocess
@@ -65,21 +66,10 @@ def coinrun_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("coinrun") / "data"
     # Ten levels: level 0 is the test split, level 1 val, so every split is there.
     run_cli(
-        "collect",
-        "--out",
-        str(out),
-        "--episodes",
-        "48",
-        "--policy",
-        "mixed",
-        "--max-steps",
-        "60",
-        "--num-levels",
-        "10",
-        "--shard-frames",
-        "512",
-        "--envs",
-        "8",
+        *sh(
+            f"collect --out {out} --episodes 48 --policy mixed "
+            "--max-steps 60 --num-levels 10 --shard-frames 512 --envs 8"
+        ),
     )
     return out
 
@@ -88,7 +78,7 @@ def coinrun_data(tmp_path_factory) -> Path:
 def tiny_run(coinrun_data, tmp_path_factory) -> Path:
     """All three stages trained with the tiny preset: a real run folder in seconds."""
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    run_cli("train", "all", "--data", str(coinrun_data), "--run", str(run), "--preset", "tiny", "--set", "workers=0")
+    run_cli(*sh(f"train all --data {coinrun_data} --run {run} --preset tiny --set workers=0"))
     return run
 
 
@@ -98,20 +88,14 @@ def both_run(tiny_run, coinrun_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("both") / "run"
     shutil.copytree(tiny_run, run)
     run_cli(
-        "train",
-        "dynamics",
-        "--data",
-        str(coinrun_data),
-        "--run",
-        str(run),
-        "--preset",
-        "tiny",
-        "--set",
-        "actions=real",
-        "--set",
-        "workers=0",
+        *sh(f"train dynamics --data {coinrun_data} --run {run} --preset tiny --set actions=real --set workers=0"),
     )
     return run
+
+
+def sh(line: str) -> list[str]:
+    """A command line as a user types it -> its arguments (the tests' temporary paths hold no spaces)."""
+    return shlex.split(line)
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_synthetic
+from conftest import run_cli, sh, write_synthetic
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -60,19 +60,7 @@ def run(tiny_run, tmp_path) -> Path:
 def bigfish(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bigfish") / "data"
     run_cli(
-        "collect",
-        "--out",
-        str(out),
-        "--env",
-        "bigfish",
-        "--episodes",
-        "6",
-        "--max-steps",
-        "30",
-        "--envs",
-        "3",
-        "--num-levels",
-        "40",
+        *sh(f"collect --out {out} --env bigfish --episodes 6 --max-steps 30 --envs 3 --num-levels 40"),
     )
     return out
 
@@ -169,40 +157,18 @@ def test_a_dataset_of_another_game_is_refused(capsys, run, bigfish, coinrun_data
     before = snapshot(run, report, bigfish)
     refused(
         capsys,
-        "eval",
-        "--checkpoint",
-        run,
-        "--data",
-        bigfish,
-        "--out",
-        report,
+        *sh(f"eval --checkpoint {run} --data {bigfish} --out {report}"),
         words=("trained on coinrun", "holds bigfish", "use a coinrun dataset"),
     )
     # a dynamics stage on the run's coinrun tokenizer, and resuming a stage on another game's frames
     refused(
         capsys,
-        "train",
-        "dynamics",
-        "--data",
-        bigfish,
-        "--run",
-        run,
-        "--preset",
-        "tiny",
+        *sh(f"train dynamics --data {bigfish} --run {run} --preset tiny"),
         words=("the tokenizer was trained on coinrun", "holds bigfish"),
     )
     refused(
         capsys,
-        "train",
-        "tokenizer",
-        "--data",
-        bigfish,
-        "--run",
-        run,
-        "--steps",
-        "30",
-        "--set",
-        "workers=0",
+        *sh(f"train tokenizer --data {bigfish} --run {run} --steps 30 --set workers=0"),
         words=("tokenizer in", "trained on coinrun", "holds bigfish", "another --run"),
     )
     assert snapshot(run, report, bigfish) == before
@@ -244,7 +210,7 @@ def _all_refuse(capsys, run: Path, coinrun_data: Path, tmp_path: Path, words: tu
     before = snapshot(run)
     refused(capsys, "eval", "--checkpoint", run, "--data", coinrun_data, "--out", tmp_path / "report", words=words)
     refused(capsys, "dream", "--checkpoint", run, "--out", tmp_path / "dream.gif", words=words)
-    refused(capsys, "play", "--checkpoint", run, "--port", "0", words=words)
+    refused(capsys, *sh(f"play --checkpoint {run} --port 0"), words=words)
     from procgenie.world import WorldModel
 
     with pytest.raises(UserError, match=re.escape(words[0])):
@@ -260,14 +226,7 @@ def test_a_checkpoint_of_the_wrong_stage_is_named(capsys, run, coinrun_data, tmp
     before = snapshot(run)
     refused(
         capsys,
-        "train",
-        "tokenizer",
-        "--data",
-        coinrun_data,
-        "--run",
-        run,
-        "--preset",
-        "tiny",
+        *sh(f"train tokenizer --data {coinrun_data} --run {run} --preset tiny"),
         words=("holds a lam checkpoint, not a tokenizer",),
     )
     assert snapshot(run) == before
@@ -310,16 +269,7 @@ def test_a_damaged_trainer_state_is_named_on_resume(capsys, run, coinrun_data):
     before = snapshot(run)
     refused(
         capsys,
-        "train",
-        "tokenizer",
-        "--data",
-        coinrun_data,
-        "--run",
-        run,
-        "--steps",
-        "30",
-        "--set",
-        "workers=0",
+        *sh(f"train tokenizer --data {coinrun_data} --run {run} --steps 30 --set workers=0"),
         words=("state.safetensors is damaged", "delete it to restart this stage"),
     )
     assert snapshot(run) == before
@@ -328,23 +278,7 @@ def test_a_damaged_trainer_state_is_named_on_resume(capsys, run, coinrun_data):
 def test_a_dynamics_model_paired_with_another_tokenizer_is_refused(capsys, run, coinrun_data, tmp_path):
     # Training the tokenizer on (5 more steps) gives the run another tokenizer than its dynamics model knows.
     old = (run / "tokenizer" / "model.safetensors").read_bytes()
-    assert (
-        main(
-            [
-                "train",
-                "tokenizer",
-                "--data",
-                str(coinrun_data),
-                "--run",
-                str(run),
-                "--steps",
-                "25",
-                "--set",
-                "workers=0",
-            ]
-        )
-        == 0
-    )
+    assert main(sh(f"train tokenizer --data {coinrun_data} --run {run} --steps 25 --set workers=0")) == 0
     assert (run / "tokenizer" / "model.safetensors").read_bytes() != old
     _all_refuse(capsys, run, coinrun_data, tmp_path, ("was trained with another tokenizer", "retrain the dynamics"))
     # Nor does training pass it off as the run's own by rewriting the dynamics config.
@@ -352,14 +286,7 @@ def test_a_dynamics_model_paired_with_another_tokenizer_is_refused(capsys, run, 
     for stage in ("dynamics", "all"):
         refused(
             capsys,
-            "train",
-            stage,
-            "--data",
-            coinrun_data,
-            "--run",
-            run,
-            "--set",
-            "workers=0",
+            *sh(f"train {stage} --data {coinrun_data} --run {run} --set workers=0"),
             words=("dynamics was trained with another tokenizer", "restore that tokenizer", "another --run"),
         )
     assert snapshot(run) == before
@@ -372,7 +299,7 @@ def test_a_run_of_another_format_version_is_named(capsys, run, coinrun_data, tmp
     words = ("incompatible procgenie version (format 7, this version reads 1)", "retrain this stage")
     _all_refuse(capsys, run, coinrun_data, tmp_path, words)
     before = snapshot(run)
-    refused(capsys, "train", "dynamics", "--data", coinrun_data, "--run", run, "--preset", "tiny", words=words)
+    refused(capsys, *sh(f"train dynamics --data {coinrun_data} --run {run} --preset tiny"), words=words)
     assert snapshot(run) == before
 
 
@@ -448,24 +375,10 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint_kept(capsys, coin
     run = tmp_path / "run"
     # The learning rate grows 10 per step (warmup): the LAM diverges after a few checkpoints.
     code = main(
-        [
-            "train",
-            "lam",
-            "--data",
-            str(coinrun_data),
-            "--run",
-            str(run),
-            "--preset",
-            "tiny",
-            "--steps",
-            "60",
-            "--set",
-            "workers=0",
-            "ckpt_every=5",
-            "log_every=1",
-            "lr=1e4",
-            "warmup=1000",
-        ]
+        sh(
+            f"train lam --data {coinrun_data} --run {run} --preset tiny --steps 60 "
+            "--set workers=0 ckpt_every=5 log_every=1 lr=1e4 warmup=1000"
+        )
     )
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert code == 2, last
@@ -489,21 +402,10 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint_kept(capsys, coin
 
 def test_a_diverging_tokenizer_is_stopped_in_one_line(capsys, coinrun_data, tmp_path):
     code = main(
-        [
-            "train",
-            "tokenizer",
-            "--data",
-            str(coinrun_data),
-            "--run",
-            str(tmp_path / "run"),
-            "--preset",
-            "tiny",
-            "--steps",
-            "20",
-            "--set",
-            "workers=0",
-            "lr=1e30",
-        ]
+        sh(
+            f"train tokenizer --data {coinrun_data} --run {tmp_path / 'run'} "
+            "--preset tiny --steps 20 --set workers=0 lr=1e30"
+        )
     )
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "the loss became non-finite at step 1; nothing was checkpointed" in last, last
@@ -611,6 +513,6 @@ def test_a_full_disk_while_collecting_loses_nothing_recorded(capsys, monkeypatch
 
 def test_errors_from_a_real_process_have_no_traceback(coinrun_data, tmp_path):
     """The same handling in a real `python -m procgenie` process, as a user runs it."""
-    proc = run_cli("train", "tokenizer", "--data", str(tmp_path / "nothing"), "--run", str(tmp_path / "r"), check=False)
+    proc = run_cli(*sh(f"train tokenizer --data {tmp_path / 'nothing'} --run {tmp_path / 'r'}"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("procgenie train: error: no dataset at")

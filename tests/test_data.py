@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_synthetic
+from conftest import run_cli, sh, write_synthetic
 
 from procgenie.data import store
 from procgenie.data.loader import ClipSampler, batches
@@ -19,23 +19,10 @@ from procgenie.errors import UserError
 def test_collect_writes_a_dataset_with_disjoint_pinned_level_splits(tmp_path):
     out = tmp_path / "d"
     proc = run_cli(
-        "collect",
-        "--out",
-        str(out),
-        "--episodes",
-        "40",
-        "--policy",
-        "explorer",
-        "--start-level",
-        "1000",
-        "--num-levels",
-        "200",
-        "--max-steps",
-        "50",
-        "--shard-frames",
-        "300",
-        "--envs",
-        "8",
+        *sh(
+            f"collect --out {out} --episodes 40 --policy explorer --start-level 1000 "
+            "--num-levels 200 --max-steps 50 --shard-frames 300 --envs 8"
+        ),
     )
     assert "frames/s" in proc.stdout
     ds = store.Dataset(out, verify=True)
@@ -47,9 +34,9 @@ def test_collect_writes_a_dataset_with_disjoint_pinned_level_splits(tmp_path):
     assert not (levels["train"] & levels["test"]) and not (levels["train"] & levels["val"])
     assert not (levels["val"] & levels["test"])
     assert all(seed % 20 == 0 for seed in levels["test"])
-    for sh in ds.shards:  # every shard: whole episodes of one split, frames and steps aligned
-        assert sh.steps["firsts"][0] and len(sh.frames) == len(sh.steps["actions"])
-        assert {store.split_of(s) for s in sh.steps["level_seeds"]} == {sh.record["split"]}
+    for shard in ds.shards:  # every shard: whole episodes of one split, frames and steps aligned
+        assert shard.steps["firsts"][0] and len(shard.frames) == len(shard.steps["actions"])
+        assert {store.split_of(s) for s in shard.steps["level_seeds"]} == {shard.record["split"]}
     # frames are real CoinRun pictures, not blanks
     assert ds.shards[0].frames[:10].std() > 10
     info = json.loads(run_cli("data", "info", str(out), "--json").stdout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, sh
 
 from procgenie.dream import DEFAULT_ACTIONS, SCALE, parse_actions, timeline
 from procgenie.errors import UserError
@@ -84,9 +84,7 @@ def _context(run) -> int:
 def test_dream_writes_a_gif_of_context_plus_steps(tiny_run, tmp_path):
     C = _context(tiny_run)
     out = tmp_path / "named.gif"
-    proc = run_cli(
-        "dream", "--checkpoint", str(tiny_run), "--out", str(out), "--steps", "6", "--actions", "right*3,right-up"
-    )
+    proc = run_cli(*sh(f"dream --checkpoint {tiny_run} --out {out} --steps 6 --actions right*3,right-up"))
     assert "dreamed 6 frames" in proc.stdout and "test split" in proc.stdout
     frames = _frames(out)
     assert frames.shape == (C + 6, 64 * SCALE + 2 * SCALE, 64 * SCALE, 3)
@@ -100,19 +98,7 @@ def test_dream_writes_an_mp4_from_latent_ids(tiny_run, tmp_path):
     pytest.importorskip("av")
     out = tmp_path / "ids.mp4"
     run_cli(
-        "dream",
-        "--checkpoint",
-        str(tiny_run),
-        "--out",
-        str(out),
-        "--steps",
-        "5",
-        "--actions",
-        "3,3,1",
-        "--level",
-        "40",
-        "--fps",
-        "10",
+        *sh(f"dream --checkpoint {tiny_run} --out {out} --steps 5 --actions 3,3,1 --level 40 --fps 10"),
     )
     frames = _frames(out, plugin="pyav")
     assert frames.shape[0] == _context(tiny_run) + 5 and frames.shape[1:] == (64 * SCALE + 2 * SCALE, 64 * SCALE, 3)

@@ -14,7 +14,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import run_cli, serve_play_page
+from conftest import run_cli, serve_play_page, sh
 from PIL import Image
 
 from procgenie.data.importer import square
@@ -48,7 +48,7 @@ def recordings(coinrun_data, tmp_path_factory):
 def test_import_keeps_every_frame_splits_by_file_and_names_the_damaged_one(recordings, tmp_path):
     root, originals = recordings
     out = tmp_path / "imported"
-    proc = run_cli("data", "import", str(root), "--out", str(out))
+    proc = run_cli(*sh(f"data import {root} --out {out}"))
     assert "zz-damaged.mp4" in proc.stdout + proc.stderr and "skipped 1 unreadable" in proc.stdout
     ds = Dataset(out)
     assert not ds.has_actions and ds.image_size == 64
@@ -69,10 +69,10 @@ def test_import_keeps_every_frame_splits_by_file_and_names_the_damaged_one(recor
     info = json.loads(run_cli("data", "info", str(out), "--json").stdout)
     assert info["action_histogram"] is None and len(info["import"]["sources"]) == 7
 
-    again = run_cli("data", "import", str(root), "--out", str(out))  # a rerun: nothing twice, the damaged retried
+    again = run_cli(*sh(f"data import {root} --out {out}"))  # a rerun: nothing twice, the damaged retried
     assert "imported 0 of 7" in again.stdout and len(Dataset(out).episodes()) == 6
-    other = run_cli("data", "import", str(root), "--out", str(out), "--size", "32", check=False)
-    assert other.returncode == 2 and "other sources or settings" in other.stderr
+    other = run_cli(*sh(f"data import {root} --out {out} --size 32"), check=False)
+    assert other.returncode == 2 and "other settings: size 64 (now 32)" in other.stderr
 
 
 def test_frames_are_resampled_to_the_asked_rate(tmp_path):
@@ -81,7 +81,7 @@ def test_frames_are_resampled_to_the_asked_rate(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.gif").write_bytes(encode_video(video, ".gif", 20))  # 50 ms a frame
     out = tmp_path / "ds"
-    run_cli("data", "import", str(tmp_path / "src"), "--out", str(out), "--fps", "10")
+    run_cli(*sh(f"data import {tmp_path / 'src'} --out {out} --fps 10"))
     ds = Dataset(out)
     frames = ds.episode(ds.episodes()[0])["frames"]
     assert len(frames) == 15 and list(frames[:4, 0, 0, 0]) == [0, 16, 32, 48]  # every other frame
@@ -99,9 +99,9 @@ def test_a_wide_frame_is_made_square_as_asked(fit, left, centre):
 
 
 def test_a_missing_source_or_bad_crop_is_one_clear_line(tmp_path):
-    proc = run_cli("data", "import", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "d"), check=False)
+    proc = run_cli(*sh(f"data import {tmp_path / 'nothing.mp4'} --out {tmp_path / 'd'}"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("data", "import", str(tmp_path), "--out", str(tmp_path / "d"), "--crop", "1,2,3", check=False)
+    proc = run_cli(*sh(f"data import {tmp_path} --out {tmp_path / 'd'} --crop 1,2,3"), check=False)
     assert proc.returncode == 2 and "X,Y,W,H" in proc.stderr
 
 
@@ -132,30 +132,21 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     serve_play_page(steps[2], tmp_path)
 
     real = run_cli(
-        "train",
-        "dynamics",
-        "--data",
-        str(data),
-        "--run",
-        str(run),
-        "--preset",
-        "tiny",
-        "--set",
-        "actions=real",
+        *sh(f"train dynamics --data {data} --run {run} --preset tiny --set actions=real"),
         check=False,
     )
     assert real.returncode == 2 and "no actions" in real.stderr
 
-    run_cli("eval", "--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "eval"), "--horizon", "4")
+    run_cli(*sh(f"eval --checkpoint {run} --data {data} --out {tmp_path / 'eval'} --horizon 4"))
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["lam"]["nmi_real_actions"] is None and m["play"] is None and m["data"]["actions"] is False
     assert np.isfinite(m["dynamics"]["delta_psnr_t4"]) and len(m["dynamics"]["psnr_by_step"]) == 4
     assert not (tmp_path / "eval" / "lam_confusion.png").exists()
 
     gif = tmp_path / "dream.gif"
-    run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--actions", "0*3,1*3", "--steps", "6")
+    run_cli(*sh(f"dream --checkpoint {run} --out {gif} --actions 0*3,1*3 --steps 6"))
     assert iio.imread(gif, index=None).shape[0] == 6 + 3  # context (tiny: seq_len 4 -> 3 frames) + dream
-    named = run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--actions", "right*3", check=False)
+    named = run_cli(*sh(f"dream --checkpoint {run} --out {gif} --actions right*3"), check=False)
     assert named.returncode == 2 and "latent ids" in named.stderr
 
     from procgenie.play import server as play

@@ -17,7 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from conftest import run_cli
+from conftest import run_cli, sh
 
 from procgenie.play import server as play
 from procgenie.vocab import real_for_latent
@@ -204,7 +204,7 @@ def test_a_busy_port_is_one_clear_line(tiny_run):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = run_cli("play", "--checkpoint", str(tiny_run), "--port", str(port), check=False, timeout=120)
+        proc = run_cli(*sh(f"play --checkpoint {tiny_run} --port {port}"), check=False, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"port {port}" in lines[0] and "--port N" in lines[0], proc.stderr

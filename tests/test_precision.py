@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, sh
 
 from procgenie import checkpoint as ckpt
 from procgenie import precision as P
@@ -82,20 +82,10 @@ def test_every_computing_command_takes_the_setting(command):
 def test_train_eval_and_dream_record_the_precision(coinrun_data, tmp_path):
     run, report, gif = tmp_path / "run", tmp_path / "report", tmp_path / "d.gif"
     out = run_cli(
-        "train",
-        "tokenizer",
-        "--data",
-        str(coinrun_data),
-        "--run",
-        str(run),
-        "--preset",
-        "tiny",
-        "--steps",
-        "2",
-        "--precision",
-        "fp32",
-        "--set",
-        "workers=0",
+        *sh(
+            f"train tokenizer --data {coinrun_data} --run {run} "
+            "--preset tiny --steps 2 --precision fp32 --set workers=0"
+        ),
     ).stdout
     saved = json.loads((run / "tokenizer" / "config.json").read_text())
     assert saved["train"]["precision"] == "fp32" and saved["precision_used"] == "fp32" and "fp32" in out
@@ -116,18 +106,8 @@ def test_train_eval_and_dream_record_the_precision(coinrun_data, tmp_path):
             "precision=fp32",
         )
     run_cli(
-        "eval",
-        "--checkpoint",
-        str(run),
-        "--data",
-        str(coinrun_data),
-        "--out",
-        str(report),
-        "--episodes",
-        "2",
-        "--precision",
-        "fp32",
+        *sh(f"eval --checkpoint {run} --data {coinrun_data} --out {report} --episodes 2 --precision fp32"),
     )
     assert json.loads((report / "metrics.json").read_text())["run"]["precision"] == "fp32"
-    said = run_cli("dream", "--checkpoint", str(run), "--out", str(gif), "--steps", "2", "--precision", "bf16").stdout
+    said = run_cli(*sh(f"dream --checkpoint {run} --out {gif} --steps 2 --precision bf16")).stdout
     assert "bf16" in said and gif.stat().st_size > 0

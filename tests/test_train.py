@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, sh
 from safetensors.torch import load_file
 
 from procgenie import config as C
@@ -26,19 +26,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_train_tokenizer_through_the_command_line(coinrun_data, tmp_path):
     run = tmp_path / "run"
     proc = run_cli(
-        "train",
-        "tokenizer",
-        "--data",
-        str(coinrun_data),
-        "--run",
-        str(run),
-        "--preset",
-        "tiny",
-        "--steps",
-        "12",
-        "--set",
-        "workers=0",
-        "log_every=4",
+        *sh(f"train tokenizer --data {coinrun_data} --run {run} --preset tiny --steps 12 --set workers=0 log_every=4"),
     )
     stage = run / "tokenizer"
     cfg = json.loads((stage / "config.json").read_text())
@@ -59,37 +47,15 @@ def test_train_tokenizer_through_the_command_line(coinrun_data, tmp_path):
     assert (
         "already trained"
         in run_cli(
-            "train",
-            "tokenizer",
-            "--data",
-            str(coinrun_data),
-            "--run",
-            str(run),
-            "--steps",
-            "12",
-            "--set",
-            "workers=0",
-            "log_every=4",
+            *sh(f"train tokenizer --data {coinrun_data} --run {run} --steps 12 --set workers=0 log_every=4"),
         ).stdout
     )
     run_cli(
-        "train",
-        "tokenizer",
-        "--data",
-        str(coinrun_data),
-        "--run",
-        str(run),
-        "--steps",
-        "14",
-        "--set",
-        "workers=0",
-        "log_every=4",
+        *sh(f"train tokenizer --data {coinrun_data} --run {run} --steps 14 --set workers=0 log_every=4"),
     )
     assert json.loads((stage / "log.jsonl").read_text().splitlines()[-1])["step"] == 14
     # Other model settings on the same run folder: refused, with the difference named.
-    bad = run_cli(
-        "train", "tokenizer", "--data", str(coinrun_data), "--run", str(run), "--set", "width=64", check=False
-    )
+    bad = run_cli(*sh(f"train tokenizer --data {coinrun_data} --run {run} --set width=64"), check=False)
     assert bad.returncode == 2 and "width 32 (now 64)" in bad.stderr
 
 

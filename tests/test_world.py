@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, sh
 
 from procgenie import WorldModel
 from procgenie.data.store import Dataset
@@ -132,19 +132,7 @@ SPEC = {
 def test_eval_writes_every_spec_field_and_a_report(tiny_run, coinrun_data, tmp_path):
     out = tmp_path / "eval"
     run_cli(
-        "eval",
-        "--checkpoint",
-        str(tiny_run),
-        "--data",
-        str(coinrun_data),
-        "--out",
-        str(out),
-        "--episodes",
-        "4",
-        "--context",
-        "2",
-        "--horizon",
-        "4",
+        *sh(f"eval --checkpoint {tiny_run} --data {coinrun_data} --out {out} --episodes 4 --context 2 --horizon 4"),
     )
     m = json.loads((out / "metrics.json").read_text())
     for section, fields in SPEC.items():
@@ -190,19 +178,7 @@ def test_eval_context_1_scores_the_real_action_model_in_play(both_run, coinrun_d
     """GenieRedux's protocol (one context frame); the play block drives the model on real actions."""
     out = tmp_path / "eval1"
     run_cli(
-        "eval",
-        "--checkpoint",
-        str(both_run),
-        "--data",
-        str(coinrun_data),
-        "--out",
-        str(out),
-        "--episodes",
-        "3",
-        "--context",
-        "1",
-        "--horizon",
-        "4",
+        *sh(f"eval --checkpoint {both_run} --data {coinrun_data} --out {out} --episodes 3 --context 1 --horizon 4"),
     )
     m = json.loads((out / "metrics.json").read_text())
     assert m["dynamics"]["context"] == 1 and m["play"]["action_kind"] == "real"

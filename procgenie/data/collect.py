@@ -21,7 +21,7 @@ from queue import Empty
 import numpy as np
 from tqdm import tqdm
 
-from procgenie.atomic import exclusive, remove_stale_tmp
+from procgenie.atomic import exclusive
 from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
 from procgenie.data.shards import write_shard
@@ -30,7 +30,6 @@ from procgenie.stopping import StopSignals
 from procgenie.vocab import NUM_ACTIONS, PROCGEN_GAMES, make_env
 
 # The settings that must match for a rerun to continue a dataset rather than start another.
-IDENTITY = ("env", "policy", "start_level", "num_levels", "max_steps", "seed", "distribution_mode")
 
 
 def _worker(args: dict, worker: int, session: int, quota: int, send, stop: StopSignals) -> None:
@@ -182,32 +181,8 @@ def collect(
             seed=seed,
             distribution_mode=distribution_mode,
         )
-        if (root / "manifest.json").exists():
-            manifest = store.read_manifest(root)
-            old = {k: manifest["collect"].get(k) for k in IDENTITY}
-            if old != identity:
-                diff = ", ".join(f"{k} {old[k]!r} (now {identity[k]!r})" for k in IDENTITY if old[k] != identity[k])
-                raise UserError(
-                    f"{root} holds a dataset collected with other settings: {diff}; "
-                    "rerun with the same settings to continue it, or choose another --out"
-                )
-        else:
-            if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-                raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
-            manifest = {
-                "format": store.FORMAT,
-                "version": store.VERSION,
-                "env": env,
-                "image_size": 64,
-                "num_actions": NUM_ACTIONS,
-                "split_rule": store.SPLIT_RULE,
-                "collect": identity,
-                "sessions": 0,
-                "shards": [],
-            }
-        (root / "shards").mkdir(parents=True, exist_ok=True)
-        store.remove_orphans(root, manifest)
-        remove_stale_tmp(root)  # a manifest write that a kill cut short
+        header = {"env": env, "image_size": 64, "num_actions": NUM_ACTIONS}
+        manifest = store.open_for_writing(root, "collect", identity, header)
         have = sum(s["episodes"] for s in manifest["shards"])
         todo = episodes - have
         if todo <= 0:

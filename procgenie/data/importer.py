@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from procgenie.atomic import exclusive, remove_stale_tmp
+from procgenie.atomic import exclusive
 from procgenie.data import store
 from procgenie.data.shards import write_shard
 from procgenie.errors import UserError
@@ -24,7 +24,6 @@ from procgenie.errors import UserError
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FITS = ("crop", "pad", "squash")
-IDENTITY = ("sources", "fps", "size", "fit", "crop", "episode_frames", "name")
 SPLIT_RULE = "source index % 20 == 0 -> test, == 1 -> val, else train (sources in sorted order)"
 
 
@@ -162,31 +161,8 @@ def import_videos(
         name=name,
     )
     with exclusive(root, f"importing into {root}"):
-        if (root / "manifest.json").exists():
-            manifest = store.read_manifest(root)
-            old = manifest.get("import", {})
-            if {k: old.get(k) for k in IDENTITY} != identity:
-                raise UserError(
-                    f"{root} holds a dataset made from other sources or settings: rerun the same "
-                    "command to continue it, or choose another --out"
-                )
-        else:
-            if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-                raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
-            manifest = {
-                "format": store.FORMAT,
-                "version": store.VERSION,
-                "env": name,
-                "image_size": size,
-                "actions": False,
-                "split_rule": SPLIT_RULE,
-                "import": identity,
-                "sessions": 0,
-                "shards": [],
-            }
-        (root / "shards").mkdir(parents=True, exist_ok=True)
-        store.remove_orphans(root, manifest)
-        remove_stale_tmp(root)
+        header = {"env": name, "image_size": size, "actions": False, "split_rule": SPLIT_RULE}
+        manifest = store.open_for_writing(root, "import", identity, header)
         done = {i for s in manifest["shards"] for i in s.get("sources", [])}
         session = manifest["sessions"]
         manifest["sessions"] = session + 1

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from procgenie.atomic import read_json_object, write_json_atomic
+from procgenie.atomic import read_json_object, remove_stale_tmp, write_json_atomic
 from procgenie.data.shards import sha256_file
 from procgenie.errors import UserError
 
@@ -51,6 +51,30 @@ SPLIT_RULE = "level_seed % 20 == 0 -> test, == 1 -> val, else train"
 
 def write_manifest(root: Path, manifest: dict) -> None:
     write_json_atomic(root / "manifest.json", manifest)
+
+
+def open_for_writing(root: Path, how: str, identity: dict, header: dict) -> dict:
+    """The manifest of the dataset at `root` that `how` ('collect' or 'import') continues, refused where it was
+    made with other settings than `identity`; else a new one with `header` (root must be empty or new). The
+    shards folder is made and what a killed run left behind is removed."""
+    if (root / "manifest.json").exists():
+        manifest = read_manifest(root)
+        old = manifest.get(how) or {}
+        diff = [f"{k} {old.get(k)!r:.60} (now {v!r:.60})" for k, v in identity.items() if old.get(k) != v]
+        if diff:
+            raise UserError(
+                f"{root} holds a dataset made with other settings: {', '.join(diff)}; rerun with the "
+                "same settings to continue it, or choose another --out"
+            )
+    else:
+        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+            raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
+        manifest = {"format": FORMAT, "version": VERSION, "split_rule": SPLIT_RULE, **header, how: identity}
+        manifest |= {"sessions": 0, "shards": []}
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    remove_orphans(root, manifest)
+    remove_stale_tmp(root)  # a manifest write that a kill cut short
+    return manifest
 
 
 def remove_orphans(root: Path, manifest: dict) -> int:
