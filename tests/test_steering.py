@@ -26,9 +26,18 @@ def test_a_held_jump_scrolls_the_dream_down_as_it_scrolls_the_level(bundled):
 
 
 @pytest.mark.slow
+def test_holding_right_from_a_standing_start_scrolls_the_dream_left_as_the_level(bundled):
+    """From four no-op frames at a level's start, ten frames of held right: the level scrolls left by about 15 px,
+    and so does the dream on most levels (a third of the way or more: docs/bundled.md, *Keys that steer*)."""
+    r = held_keys(bundled, [0, 20, 40, 60, 80, 100, 120, 140], context=4, frames=10)["right"]
+    assert r["real_shift_px"] < -10 and r["levels_moved"] == 8
+    assert r["dream_shift_px"] < -3 and r["same_direction"] >= 0.75
+
+
+@pytest.mark.slow
 def test_holding_right_while_running_keeps_the_dream_scrolling_left(bundled):
     """From context frames of a player already running right, holding right scrolls the dream the way the
-    level scrolls (to the left). (From a standing start it does not yet: docs/bundled.md.)"""
+    level scrolls (to the left)."""
     frames = []
     for level in (0, 20, 40, 60, 80, 100, 120, 140):
         env, first = start_frames(level, 1, bundled.env)

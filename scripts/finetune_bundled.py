@@ -1,0 +1,54 @@
+"""Start a run folder that continues the bundled model's dynamics model on real actions, so that
+`procgenie train dynamics` fine-tunes it (the bundle keeps no trainer state):
+
+    python scripts/finetune_bundled.py runs/ft --set changed_weight=4
+    procgenie train dynamics --data data/mix --run runs/ft --steps 6500 --set actions=real mask_min=0.9 changed_weight=4
+
+The bundle's tokenizer, LAM and latent dynamics model are copied as they are; `dynamics-real/` gets the
+bundled config (with --set model fields changed) and a trainer state at the bundled step: the bundled weights
+in float32 and a fresh AdamW, so training resumes on the bundled schedule stretched to the new --steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from procgenie import checkpoint as ckpt
+from procgenie.models import Links, build
+from procgenie.overrides import apply_overrides
+from procgenie.train import make_optimizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="the run folder to make (must not hold a dynamics-real model yet)")
+    p.add_argument("--data", default="data/mix", help="the dataset the fine-tune trains on (default data/mix)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dynamics model fields to change")
+    a = p.parse_args()
+    src, run = ckpt.PRETRAINED, Path(a.run)
+    if (run / "dynamics-real").exists():
+        raise SystemExit(f"error: {run}/dynamics-real exists: choose another run folder")
+    for stage in ("tokenizer", "lam", "dynamics"):
+        shutil.copytree(src / stage, run / stage, dirs_exist_ok=True)
+    sc, extra = ckpt.read_config(src / "dynamics-real", "dynamics")
+    apply_overrides({"dynamics": sc}, a.set, ("dynamics",))
+    extra["data"]["path"] = str(Path(a.data).resolve())
+    out = run / "dynamics-real"
+    out.mkdir(parents=True)
+    ckpt.write_config(out, sc, extra)
+    shutil.copyfile(src / "dynamics-real" / "log.jsonl", out / "log.jsonl")  # the log goes on from the bundle's
+    model = build(sc, Links.from_json(extra["links"]))
+    ckpt.load_weights(src / "dynamics-real" / "model.safetensors", model)
+    model = model.float()
+    ckpt.save_state(
+        out / "state.safetensors", model, make_optimizer(model, sc.train, torch.device("cpu")), sc.train.steps, {}
+    )
+    print(f"{out}: the bundled dynamics-real model at step {sc.train.steps}, ready to train on")
+
+
+if __name__ == "__main__":
+    main()
