@@ -137,7 +137,7 @@ class Dynamics(StageModel):
         weight = mask.float()
         if self.cfg.changed_weight != 1.0:  # the codes that change are where an action shows
             weight = weight * torch.where(target != codes[:, :-1], self.cfg.changed_weight, 1.0)
-        if torch.compiler.is_compiling() or self.cfg.changed_weight != 1.0:
+        if torch.compiler.is_compiling():
             # Fixed shapes keep the compiled graph whole (indexing by the mask breaks it and waits for the GPU);
             # the compiler fuses the float32 upcast into the loss.
             w = weight.flatten()
@@ -146,8 +146,8 @@ class Dynamics(StageModel):
             acc = ((logits.argmax(-1) == target).flatten().float() * mask.flatten()).sum() / mask.sum()
         else:
             # Only the masked codes' logits (M, V) go to float32: a float copy of all of them costs time.
-            logits, target = logits[mask].float(), target[mask]  # (M, V), (M,)
-            ce = F.cross_entropy(logits, target)
+            logits, target, w = logits[mask].float(), target[mask], weight[mask]  # (M, V), (M,), (M,)
+            ce = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum()
             acc = (logits.argmax(-1) == target).float().mean()
         return ce, {"ce": ce.detach(), "acc": acc.detach()}  # tensors: the training loop reads them
 
