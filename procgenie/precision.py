@@ -60,13 +60,17 @@ def time_matmul(dtype: torch.dtype, n: int = 256, m: int = 1024, reps: int = 3) 
     return best
 
 
-def cpu_prefers_bf16(flags: set[str] | None = None, probe=time_matmul) -> tuple[bool, str]:
+def cpu_prefers_bf16(flags: set[str] | None = None, probe=time_matmul, rounds: int = 5) -> tuple[bool, str]:
     """(bf16 is faster here, why): the feature check, then the measurement (`probe(dtype) -> seconds`)."""
     flags = cpu_flags() if flags is None else flags
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
     if x86 and flags is not None and not any(f in flags for f in _BF16_FLAGS):
         return False, "no avx512_bf16/amx_bf16 in the CPU flags: bf16 is emulated here"
-    bf16_s, fp32_s = probe(torch.bfloat16), probe(torch.float32)
+    # Alternate the two, best of each: on a busy CPU one block of timings can fall in another process's time
+    # slice (measured: two trainings running, back-to-back blocks chose fp32 in 2 of 6 processes).
+    bf16_s = fp32_s = float("inf")
+    for _ in range(rounds):
+        bf16_s, fp32_s = min(bf16_s, probe(torch.bfloat16)), min(fp32_s, probe(torch.float32))
     return bf16_s < fp32_s, f"measured matmul: bf16 {bf16_s * 1e3:.2f} ms, fp32 {fp32_s * 1e3:.2f} ms"
 
 

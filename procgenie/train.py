@@ -92,9 +92,15 @@ def fit(
     t = sc.train
     opt = make_optimizer(model, t, device)
     state_path = stage_dir / "state.safetensors"
-    start = 0
+    start, saved_precision = 0, None
     if state_path.exists():
-        start = ckpt.load_state(state_path, model, opt)["step"]
+        meta = ckpt.load_state(state_path, model, opt)
+        start, saved_precision = meta["step"], meta.get("precision")
+    # `auto` is decided once per run, not per process: a resumed run computes in the precision it started in
+    # (on a busy CPU the bf16-vs-fp32 timing can go either way, and a switch broke exact resume).
+    precision = saved_precision if t.precision == "auto" and saved_precision else resolve(t.precision, device)
+    if any_rank(precision == "fp32", device):  # every rank alike
+        precision = "fp32"
     if rank == 0:  # what a killed run left behind: half-written checkpoints, log lines of steps it redoes
         remove_stale_tmp(stage_dir)
         _trim_log(stage_dir / "log.jsonl", start)
@@ -131,7 +137,7 @@ def fit(
         ):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, t)
-            metrics = train_step(net, model, opt, batch, t, device, step, rank)
+            metrics = train_step(net, model, opt, batch, t, device, step, rank, precision)
             # A non-finite gradient norm has already spoilt the weights, even where the loss was finite.
             if not finite_everywhere(
                 math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("grad_norm", 0.0)), device
@@ -159,17 +165,17 @@ def fit(
                 # Without grad_clip there is no gradient norm to check: never checkpoint weights that are not finite.
                 if not finite_everywhere(all(bool(p.isfinite().all()) for p in model.parameters()), device):
                     raise _diverged(sc.stage, step, saved, t)
-                _checkpoint(model, opt, done, stage_dir, rank)
+                _checkpoint(model, opt, done, stage_dir, rank, precision)
                 saved = done
                 if val is not None and rank == 0:
-                    loss = validation_loss(model, val, t, device)
+                    loss = validation_loss(model, val, t, device, precision)
                     with open(stage_dir / "val.jsonl", "a") as f:
                         f.write(json.dumps({"time": time.time(), "step": done, "val_loss": loss}) + "\n")
                     if tb is not None:
                         tb.add_scalar(f"{sc.stage}/val_loss", loss, done)
             if any_rank(stop.signum is not None, device) and done < t.steps:
                 if saved != done:
-                    _checkpoint(model, opt, done, stage_dir, rank)
+                    _checkpoint(model, opt, done, stage_dir, rank, precision)
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
                 raise Stopped(
                     f"stopped by {name} at step {done} of {t.steps}; checkpoint saved in {stage_dir}: "
@@ -186,8 +192,11 @@ def fit(
     return last
 
 
-def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, rank: int = 0) -> dict:
-    """One optimizer step over t.grad_accum micro-batches of this rank's rows; returns the mean metrics.
+def train_step(
+    net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, rank: int = 0, precision: str | None = None
+) -> dict:
+    """One optimizer step over t.grad_accum micro-batches of this rank's rows (in `precision`, by default
+    what t.precision resolves to); returns the mean metrics.
 
     Each micro-batch's loss is a mean over its rows; DDP averages gradients over ranks and the
     accumulation divides by t.grad_accum, so the step's gradient is the mean over the global batch.
@@ -196,12 +205,13 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
     model.set_step(step, t.steps)
     n = next(iter(batch.values())).shape[0]
     micro = max(1, n // t.grad_accum)
+    precision = precision or resolve(t.precision, device)
     totals: dict[str, float] = {}
     for i in range(t.grad_accum):
         part = {k: v[i * micro : (i + 1) * micro] for k, v in batch.items()}
         torch.manual_seed(chunk_seed(t.seed, step, rank * t.grad_accum + i))
         sync = i == t.grad_accum - 1 or not hasattr(net, "no_sync")
-        with nullcontext() if sync else net.no_sync(), autocast(device, resolve(t.precision, device)):
+        with nullcontext() if sync else net.no_sync(), autocast(device, precision):
             loss, metrics = net(part)
         (loss / t.grad_accum).backward()
         # float() here rather than .item() in the model: metrics may come back as tensors, which keeps a
@@ -217,7 +227,7 @@ def train_step(net, model, opt, batch, t: C.TrainConfig, device, step: int = 0, 
 
 @torch.no_grad()
 def validation_loss(
-    model: torch.nn.Module, val: ClipSampler, t: C.TrainConfig, device, batches: int = VAL_BATCHES
+    model: torch.nn.Module, val: ClipSampler, t: C.TrainConfig, device, precision: str, batches: int = VAL_BATCHES
 ) -> float:
     """The mean loss over the same `batches` val-split batches every time (masks seeded alike). Training's own
     random numbers are not disturbed: each training step seeds them itself."""
@@ -226,7 +236,7 @@ def validation_loss(
     for i in range(batches):
         batch = {k: v.to(device) for k, v in val.batch(i).items()}
         torch.manual_seed(chunk_seed(t.seed, i, 0))
-        with autocast(device, resolve(t.precision, device)):
+        with autocast(device, precision):
             total += float(model(batch)[0]) / batches
     model.train()
     return total
@@ -240,13 +250,13 @@ def _diverged(stage: str, step: int, saved: int, t: C.TrainConfig) -> UserError:
     )
 
 
-def _checkpoint(model, opt, step: int, stage_dir: Path, rank: int) -> None:
+def _checkpoint(model, opt, step: int, stage_dir: Path, rank: int, precision: str) -> None:
     if rank == 0:
         # The weights first and the trainer state last: a rerun resumes from the state, so a kill between the
         # two redoes these steps and rewrites the weights. (The other order, killed at the last step, left a
         # finished stage whose model.safetensors was one checkpoint behind.)
         ckpt.save_weights(stage_dir / "model.safetensors", model, {"step": step})
-        ckpt.save_state(stage_dir / "state.safetensors", model, opt, step, {})
+        ckpt.save_state(stage_dir / "state.safetensors", model, opt, step, {"precision": precision})
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

@@ -34,6 +34,20 @@ def test_where_the_flag_exists_the_measurement_decides(x86, bf16_s, fp32_s, want
     assert faster is want and "measured" in why
 
 
+def test_a_busy_moment_during_one_timing_does_not_decide(x86):
+    """bf16 is twice as fast, but another process takes the CPU while the first two bf16 products run."""
+    calls = []
+
+    def busy_then_idle(dtype):
+        calls.append(dtype)
+        fast = 0.001 if dtype == torch.bfloat16 else 0.002
+        return fast * (10 if calls.count(torch.bfloat16) <= 2 and dtype == torch.bfloat16 else 1)
+
+    faster, why = P.cpu_prefers_bf16({"avx2", "avx512_bf16"}, probe=busy_then_idle)
+    assert faster and "bf16 1.00 ms, fp32 2.00 ms" in why
+    assert calls[:4] == [torch.bfloat16, torch.float32] * 2  # the two alternate
+
+
 def test_auto_resolves_once_per_device_from_the_check(monkeypatch):
     calls = []
     monkeypatch.setattr(P, "_decided", {})

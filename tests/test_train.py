@@ -92,6 +92,23 @@ def test_resume_continues_exactly_where_an_unbroken_run_would_be(coinrun_data, t
         assert torch.equal(v, w), k
 
 
+def test_a_resumed_run_computes_in_the_precision_it_started_in(coinrun_data, tmp_path, monkeypatch):
+    """`auto` is timed per process; a rerun whose timing came out the other way keeps the run's precision."""
+    import procgenie.train as T
+
+    monkeypatch.setattr(T, "resolve", lambda precision, device: "bf16")
+    with pytest.raises(KeyboardInterrupt):
+        _train(coinrun_data, tmp_path / "b", stop_at=4)
+    monkeypatch.setattr(T, "resolve", lambda precision, device: "fp32")
+    used = []
+    monkeypatch.setattr(T, "autocast", lambda device, precision: used.append(precision) or T.nullcontext())
+    _train(coinrun_data, tmp_path / "b")
+    assert used and set(used) == {"bf16"}
+    assert T.ckpt.state_meta(tmp_path / "b" / "state.safetensors")["precision"] == "bf16"
+    _train(coinrun_data, tmp_path / "c")  # a fresh run takes what auto resolves to
+    assert T.ckpt.state_meta(tmp_path / "c" / "state.safetensors")["precision"] == "fp32"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_on_a_cpu_freed_large_blocks_are_reused_without_page_faults():
     """A 64 MB tensor made, freed and made again: page-faulted anew each time by default, not after the setting."""
