@@ -78,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--env", default="coinrun", help="Procgen game (default coinrun)")
     c.add_argument("--policy", default="random", help="random | sticky | explorer | mixed (default random)")
     c.add_argument("--start-level", type=int, default=0, help="first level seed (default 0)")
-    c.add_argument(
-        "--num-levels",
-        type=int,
-        default=10_000,
-        help="levels in the range (default 10000; 0 draws from all 2^31 levels)",
-    )
+    c.add_argument("--num-levels", type=int, default=10_000, help="levels in the range (default 10000; 0: all 2^31)")
     c.add_argument("--max-steps", type=int, default=1000, help="cut episodes at this many steps (default 1000)")
     c.add_argument("--seed", type=int, default=0, help="seed of the environments and the policy (default 0)")
     c.add_argument("--workers", type=int, default=1, help="collector processes (default 1)")
@@ -138,12 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X,Y,W,H",
         help="first cut every frame to this box (source pixels), e.g. to drop a score bar",
     )
-    im.add_argument(
-        "--episode-frames",
-        type=int,
-        default=1000,
-        help="cut recordings into episodes of at most this many frames (default 1000)",
-    )
+    im.add_argument("--episode-frames", type=int, default=1000, help="frames per episode at most (default 1000)")
     im.add_argument(
         "--name", default="video", help="the dataset's world name, kept with the models trained on it (default video)"
     )
@@ -197,22 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     _maskgit_arg(pl, "1 where the model decodes by expected level, else the smaller of 2 and the model's own")
     pl.add_argument(
-        "--start-level",
-        dest="level",
-        metavar="START_LEVEL",
-        type=int,
-        default=None,
-        help="first level seed (default: random test level)",
+        "--start-level", dest="level", metavar="N", type=int, help="first level seed (default: a test level)"
     )
     _recordings_arg(pl)
     pl.add_argument("--fps", type=float, default=15.0, help="target frames per second of each player (default 15)")
     pl.add_argument(
-        "--max-players",
-        dest="max_sessions",
-        metavar="N",
-        type=int,
-        default=4,
-        help="connections served at once (default 4)",
+        "--max-players", dest="max_sessions", metavar="N", type=int, default=4, help="players at once (default 4)"
     )
     _precision_arg(pl, "play")
     pl.set_defaults(fn=commands.play)
@@ -288,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"procgenie {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`procgenie data info D | head`); before OSError, its base
+        os._exit(0)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -298,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except BrokenPipeError:
-        os._exit(0)
     return 0
 
 

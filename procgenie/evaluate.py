@@ -214,7 +214,7 @@ def evaluate(
         },
     }
     write_json_atomic(out_dir / "metrics.json", result)
-    from procgenie.report import write_report
+    from procgenie.report import print_summary, write_report
 
     write_report(
         out_dir,
@@ -230,7 +230,7 @@ def evaluate(
         latent_rows=latent_rows,
     )
     if not quiet:
-        _print_summary(result, out_dir)
+        print_summary(result, out_dir)
     return result
 
 
@@ -255,46 +255,6 @@ def _play_block(wm, gen, gen_play, play_rand, clips, C: int, H: int, maskgit_ste
         "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean()),
         "held_keys": held_keys(wm, levels, C, H, seed) if wm.procgen else None,
     }
-
-
-def _print_summary(result: dict, out_dir: Path) -> None:
-    tok, lam, d, play = result["tokenizer"], result["lam"], result["dynamics"], result["play"]
-    H = d["horizon"]
-    print(
-        f"tokenizer PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codes {tok['codebook_used']}/"
-        f"{tok['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions {lam['actions_used']}/{lam['num_actions']}, "
-        f"NMI {_num(lam['nmi_real_actions'], 3)}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
-        f"{d['psnr_by_step'][-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
-        f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}"
-    )
-    if d.get("held_latents"):
-        print(
-            "each latent held (dream camera dx, dy over the horizon): "
-            + "; ".join(f"{h['latent']}: {h['dx_px']:+.1f}, {h['dy_px']:+.1f}" for h in d["held_latents"])
-        )
-    if play is None:
-        print("play: no figures (the dataset holds no actions to press)")
-    else:
-        print(
-            f"play ({play['action_kind']} actions): step {H} {play['psnr_by_step'][-1]:.2f} dB, delta_psnr_t4 "
-            f"{play['delta_psnr_t4']:.2f}, moving clips' last step {_num(play['moving_psnr_last_step'])} (copy-last "
-            f"{_num(d['moving']['copy_last_last_step'])}), camera error {play['motion_error_px']:.1f} px "
-            f"(never moving {play['still_motion_error_px']:.1f})"
-        )
-    if play is not None and play["held_keys"] is not None:
-        print(
-            "held keys (camera shift, dream / real, same direction): "
-            + "; ".join(
-                f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
-                + ("level never moved" if v["same_direction"] is None else f"{v['same_direction']:.0%}")
-                for k, v in play["held_keys"].items()
-            )
-        )
-    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
-
-
-def _num(x, digits: int = 2) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _action_pairs(wm: WorldModel, ds: Dataset, seed: int, batches: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +170,13 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}td{border:1px solid #ccc;padding:2px 8px;font-size:14px}"
+    "img{max-width:100%;image-rendering:pixelated}figure{margin:1.5em 0}figcaption{color:#555}"
+)
+
+
 def _html(m: dict) -> str:
     d, b = m["dynamics"], m["baseline_copy_last"]
     head = (
@@ -214,10 +220,48 @@ def _html(m: dict) -> str:
     sections = "".join(f"<h2>{k}</h2>{_table(v)}" for k, v in m.items() if isinstance(v, dict))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>procgenie evaluation</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;margin:.5em 0}}td{{border:1px solid #ccc;padding:2px 8px;font-size:14px}}
-img{{max-width:100%;image-rendering:pixelated}}figure{{margin:1.5em 0}}figcaption{{color:#555}}</style></head>
+<style>{STYLE}</style></head>
 <body><h1>procgenie evaluation</h1><p>{html.escape(head)}</p>{figs}{sections}
-<details><summary>metrics.json</summary><pre>{html.escape(json.dumps(m, indent=2))}</pre></details>
-</body></html>
+<p>Every figure above, as numbers: <a href="metrics.json">metrics.json</a> (beside this page).</p></body></html>
 """
+
+
+def print_summary(result: dict, out_dir: Path) -> None:
+    """What `eval` prints when it is done: the headline figures of metrics.json."""
+    tok, lam, d, play = result["tokenizer"], result["lam"], result["dynamics"], result["play"]
+    H = d["horizon"]
+    print(
+        f"tokenizer PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codes {tok['codebook_used']}/"
+        f"{tok['codebook_size']}; LAM PSNR {lam['psnr']:.2f}, actions {lam['actions_used']}/{lam['num_actions']}, "
+        f"NMI {_num(lam['nmi_real_actions'], 3)}; dynamics 1-step {d['psnr_1step']:.2f} dB, step {H} "
+        f"{d['psnr_by_step'][-1]:.2f} dB (copy-last {result['baseline_copy_last']['psnr_by_step'][-1]:.2f}), "
+        f"delta_psnr_t4 {d['delta_psnr_t4']:.2f}"
+    )
+    if d.get("held_latents"):
+        print(
+            "each latent held (dream camera dx, dy over the horizon): "
+            + "; ".join(f"{h['latent']}: {h['dx_px']:+.1f}, {h['dy_px']:+.1f}" for h in d["held_latents"])
+        )
+    if play is None:
+        print("play: no figures (the dataset holds no actions to press)")
+    else:
+        print(
+            f"play ({play['action_kind']} actions): step {H} {play['psnr_by_step'][-1]:.2f} dB, delta_psnr_t4 "
+            f"{play['delta_psnr_t4']:.2f}, moving clips' last step {_num(play['moving_psnr_last_step'])} (copy-last "
+            f"{_num(d['moving']['copy_last_last_step'])}), camera error {play['motion_error_px']:.1f} px "
+            f"(never moving {play['still_motion_error_px']:.1f})"
+        )
+    if play is not None and play["held_keys"] is not None:
+        print(
+            "held keys (camera shift, dream / real, same direction): "
+            + "; ".join(
+                f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
+                + ("level never moved" if v["same_direction"] is None else f"{v['same_direction']:.0%}")
+                for k, v in play["held_keys"].items()
+            )
+        )
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
+
+
+def _num(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"

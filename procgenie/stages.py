@@ -20,9 +20,8 @@ from procgenie.data.store import Dataset
 from procgenie.errors import UserError
 from procgenie.models import Links, build_for_training, check_data, write_action_map
 from procgenie.overrides import apply_overrides
-from procgenie.precision import resolve
 from procgenie.runtime import distributed, speed_settings
-from procgenie.train import fit
+from procgenie.train import fit, run_precision
 
 # Fields that may change when a run is resumed; any other difference means another experiment. The
 # speed and memory knobs are among them: a run may resume on other hardware (grad_accum keeps the global
@@ -65,18 +64,10 @@ def resolve_stage_config(
     return sc, name, stage_dir
 
 
-def train_stage(
-    stage: str,
-    data: str,
-    run: str,
-    preset: str | None = None,
-    steps: int | None = None,
-    overrides: list[str] | None = None,
-    quiet: bool = False,
-) -> dict:
+def train_stage(stage: str, data: str, run: str, preset: str | None, steps: int | None, overrides: list[str]) -> dict:
     rank, world, device = distributed()
     run_dir = Path(run)
-    sc, preset_name, stage_dir = resolve_stage_config(stage, run_dir, preset, steps, overrides or [])
+    sc, preset_name, stage_dir = resolve_stage_config(stage, run_dir, preset, steps, overrides)
     ds = Dataset(data)
     if stage == "dynamics" and sc.model.actions == "real" and not ds.has_actions:
         raise UserError(
@@ -96,6 +87,7 @@ def train_stage(
     trained = check_resume(stage_dir, stage, ds, links)
     # One training process per stage folder (under torchrun rank 0 holds the lock for all ranks), taken
     # before the first write.
+    precision = run_precision(stage_dir / "state.safetensors", sc.train, device)
     with exclusive(stage_dir, f"training {stage_dir}") if rank == 0 else nullcontext():
         if rank == 0 and trained < sc.train.steps:  # a finished stage keeps the config it was trained with
             ckpt.write_config(
@@ -104,7 +96,7 @@ def train_stage(
                 {
                     "preset": preset_name,
                     "links": links.to_json() if links else {},
-                    "precision_used": resolve(sc.train.precision, device),
+                    "precision_used": precision,
                     "data": {
                         "path": str(Path(data).resolve()),
                         "env": ds.env,
@@ -118,18 +110,17 @@ def train_stage(
         sampler = ClipSampler(
             ds, "train", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed, rank=rank, world=world
         )
-        if rank == 0 and not quiet:
+        if rank == 0:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(
                 f"{stage}: {n / 1e6:.2f}M parameters, preset {preset_name}, {sc.train.steps} steps of "
                 f"{sc.train.batch_size} clips x {sc.model.seq_len} frames on {device}, "
-                f"{resolve(sc.train.precision, device)} (precision {sc.train.precision})"
-                + (f" x {world} ranks" if world > 1 else "")
+                f"{precision} (precision {sc.train.precision})" + (f" x {world} ranks" if world > 1 else "")
             )
         val = None
         if rank == 0 and len(ds.episodes("val")) and (ds.episodes("val")["length"] >= sc.model.seq_len).any():
             val = ClipSampler(ds, "val", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed)
-        result = fit(model, sc, sampler, stage_dir, device, rank, world, quiet, val)
+        result = fit(model, sc, sampler, stage_dir, device, rank, world, val=val)
         if stage in FINISH and rank == 0:
             FINISH[stage](run_dir, model, sampler, device)
     if world > 1:

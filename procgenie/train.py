@@ -70,6 +70,15 @@ def lr_at(step: int, t: C.TrainConfig) -> float:
     return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def run_precision(state_path: Path, t: C.TrainConfig, device) -> str:
+    """What a run computes in: `auto` is decided once per run, not per process, so a resumed run keeps the
+    precision it started in (on a busy CPU the bf16-vs-fp32 timing can go either way; a switch broke exact
+    resume). Every rank alike: fp32 if any rank would take it."""
+    saved = ckpt.state_meta(state_path).get("precision") if state_path.exists() else None
+    precision = saved if t.precision == "auto" and saved else resolve(t.precision, device)
+    return "fp32" if any_rank(precision == "fp32", device) else precision
+
+
 def make_optimizer(model: StageModel, t: C.TrainConfig, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         model.decay_groups(t.weight_decay), lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda"
@@ -92,15 +101,8 @@ def fit(
     t = sc.train
     opt = make_optimizer(model, t, device)
     state_path = stage_dir / "state.safetensors"
-    start, saved_precision = 0, None
-    if state_path.exists():
-        meta = ckpt.load_state(state_path, model, opt)
-        start, saved_precision = meta["step"], meta.get("precision")
-    # `auto` is decided once per run, not per process: a resumed run computes in the precision it started in
-    # (on a busy CPU the bf16-vs-fp32 timing can go either way, and a switch broke exact resume).
-    precision = saved_precision if t.precision == "auto" and saved_precision else resolve(t.precision, device)
-    if any_rank(precision == "fp32", device):  # every rank alike
-        precision = "fp32"
+    precision = run_precision(state_path, t, device)
+    start = ckpt.load_state(state_path, model, opt)["step"] if state_path.exists() else 0
     if rank == 0:  # what a killed run left behind: half-written checkpoints, log lines of steps it redoes
         remove_stale_tmp(stage_dir)
         _trim_log(stage_dir / "log.jsonl", start)

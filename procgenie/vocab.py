@@ -82,18 +82,13 @@ def real_for_latent(counts_RA: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_env(env: str, num: int, start_level: int, num_levels: int, seed: int, distribution_mode: str = "hard"):
-    """A ProcgenGym3Env pinned to a level range (quietly: gym prints a deprecation notice on import)."""
+def make_env(env: str, num: int, start_level: int, num_levels: int, seed: int, mode: str = "hard"):
+    """`num` copies of Procgen game `env` pinned to levels [start_level, start_level + num_levels) in
+    distribution mode `mode`, stepped on the calling thread (quietly: gym prints a deprecation notice on import)."""
     with contextlib.redirect_stderr(io.StringIO()):
         from procgen import ProcgenGym3Env
     return ProcgenGym3Env(
-        num=num,
-        env_name=env,
-        start_level=start_level,
-        num_levels=num_levels,
-        rand_seed=seed,
-        distribution_mode=distribution_mode,
-        num_threads=0,
+        num, env, start_level=start_level, num_levels=num_levels, rand_seed=seed, distribution_mode=mode, num_threads=0
     )
 
 

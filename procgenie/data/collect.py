@@ -24,7 +24,7 @@ from tqdm import tqdm
 from procgenie.atomic import exclusive
 from procgenie.data import store
 from procgenie.data.policies import POLICIES, make_policy
-from procgenie.data.shards import write_shard
+from procgenie.data.shards import open_for_writing, write_shard
 from procgenie.errors import Stopped, UserError
 from procgenie.stopping import StopSignals
 from procgenie.vocab import NUM_ACTIONS, PROCGEN_GAMES, make_env
@@ -172,17 +172,17 @@ def collect(
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file: give a folder for the dataset")
     with exclusive(root, f"collecting into {root}"):
-        identity = dict(
-            env=env,
-            policy=policy,
-            start_level=start_level,
-            num_levels=num_levels,
-            max_steps=max_steps,
-            seed=seed,
-            distribution_mode=distribution_mode,
-        )
+        identity = {  # what makes the dataset what it is: a rerun into `out` must ask for the same
+            "env": env,
+            "policy": policy,
+            "start_level": start_level,
+            "num_levels": num_levels,
+            "max_steps": max_steps,
+            "seed": seed,
+            "distribution_mode": distribution_mode,
+        }
         header = {"env": env, "image_size": 64, "num_actions": NUM_ACTIONS}
-        manifest = store.open_for_writing(root, "collect", identity, header)
+        manifest = open_for_writing(root, "collect", identity, header)
         have = sum(s["episodes"] for s in manifest["shards"])
         todo = episodes - have
         if todo <= 0:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from procgenie.atomic import exclusive
 from procgenie.data import store
-from procgenie.data.shards import write_shard
+from procgenie.data.shards import open_for_writing, write_shard
 from procgenie.errors import UserError
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
@@ -162,7 +162,7 @@ def import_videos(
     )
     with exclusive(root, f"importing into {root}"):
         header = {"env": name, "image_size": size, "actions": False, "split_rule": SPLIT_RULE}
-        manifest = store.open_for_writing(root, "import", identity, header)
+        manifest = open_for_writing(root, "import", identity, header)
         done = {i for s in manifest["shards"] for i in s.get("sources", [])}
         session = manifest["sessions"]
         manifest["sessions"] = session + 1

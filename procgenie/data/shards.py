@@ -1,4 +1,5 @@
-"""One shard's two files, written atomically and checksummed on the way out (the layout: procgenie/data/store.py)."""
+"""Writing a dataset (the layout: procgenie/data/store.py): opening one to start or continue it, and one shard's
+two files, written atomically and checksummed on the way out."""
 
 from __future__ import annotations
 
@@ -7,15 +8,56 @@ from pathlib import Path
 
 import numpy as np
 
-from procgenie.atomic import write_atomic
+from procgenie.atomic import remove_stale_tmp, write_atomic
+from procgenie.data import store
+from procgenie.data.store import sha256_file
+from procgenie.errors import UserError
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def open_for_writing(root: Path, how: str, identity: dict, header: dict) -> dict:
+    """The manifest of the dataset at `root` that `how` ('collect' or 'import') continues, refused where it was
+    made with other settings than `identity`; else a new one with `header` (root must be empty or new). The
+    shards folder is made and what a killed run left behind is removed."""
+    if (root / "manifest.json").exists():
+        manifest = store.read_manifest(root)
+        old = manifest.get(how) or {}
+        diff = [f"{k} {old.get(k)!r:.60} (now {v!r:.60})" for k, v in identity.items() if old.get(k) != v]
+        if diff:
+            raise UserError(
+                f"{root} holds a dataset made with other settings: {', '.join(diff)}; rerun with the "
+                "same settings to continue it, or choose another --out"
+            )
+    else:
+        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+            raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
+        manifest = {
+            "format": store.FORMAT,
+            "version": store.VERSION,
+            "split_rule": store.SPLIT_RULE,
+            **header,
+            how: identity,
+        }
+        manifest |= {"sessions": 0, "shards": []}
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    remove_orphans(root, manifest)
+    remove_stale_tmp(root)  # a manifest write that a kill cut short
+    return manifest
+
+
+def remove_orphans(root: Path, manifest: dict) -> int:
+    """Delete shard files that no manifest record names (leftovers of a killed run)."""
+    known = {s["name"] for s in manifest.get("shards", [])}
+    removed = 0
+    for path in (root / "shards").glob("*"):
+        stem = path.name.split(".")[0]
+        if (
+            path.name.startswith(".")
+            and path.name.endswith(".tmp")
+            or (store.SHARD_NAME.match(stem) and stem not in known)
+        ):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def write_shard(root: Path, name: str, split: str, episodes: list[dict]) -> dict:

@@ -20,20 +20,28 @@ collection killed at any instant loses nothing it counted and counts nothing twi
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from procgenie.atomic import read_json_object, remove_stale_tmp, write_json_atomic
-from procgenie.data.shards import sha256_file
+from procgenie.atomic import read_json_object, write_json_atomic
 from procgenie.errors import UserError
 
 FORMAT = "procgenie-dataset"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^(train|val|test)-s\d{3}-w\d{2}-\d{5}$")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_of(level_seed: int) -> str:
@@ -46,47 +54,11 @@ SPLIT_RULE = "level_seed % 20 == 0 -> test, == 1 -> val, else train"
 
 
 # ---------------------------------------------------------------------------------------------
-# writing (one shard's files: procgenie/data/shards.py)
+# writing (opening a dataset for writing, one shard's files: procgenie/data/shards.py)
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
     write_json_atomic(root / "manifest.json", manifest)
-
-
-def open_for_writing(root: Path, how: str, identity: dict, header: dict) -> dict:
-    """The manifest of the dataset at `root` that `how` ('collect' or 'import') continues, refused where it was
-    made with other settings than `identity`; else a new one with `header` (root must be empty or new). The
-    shards folder is made and what a killed run left behind is removed."""
-    if (root / "manifest.json").exists():
-        manifest = read_manifest(root)
-        old = manifest.get(how) or {}
-        diff = [f"{k} {old.get(k)!r:.60} (now {v!r:.60})" for k, v in identity.items() if old.get(k) != v]
-        if diff:
-            raise UserError(
-                f"{root} holds a dataset made with other settings: {', '.join(diff)}; rerun with the "
-                "same settings to continue it, or choose another --out"
-            )
-    else:
-        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-            raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
-        manifest = {"format": FORMAT, "version": VERSION, "split_rule": SPLIT_RULE, **header, how: identity}
-        manifest |= {"sessions": 0, "shards": []}
-    (root / "shards").mkdir(parents=True, exist_ok=True)
-    remove_orphans(root, manifest)
-    remove_stale_tmp(root)  # a manifest write that a kill cut short
-    return manifest
-
-
-def remove_orphans(root: Path, manifest: dict) -> int:
-    """Delete shard files that no manifest record names (leftovers of a killed run)."""
-    known = {s["name"] for s in manifest.get("shards", [])}
-    removed = 0
-    for path in (root / "shards").glob("*"):
-        stem = path.name.split(".")[0]
-        if path.name.startswith(".") and path.name.endswith(".tmp") or (SHARD_NAME.match(stem) and stem not in known):
-            path.unlink()
-            removed += 1
-    return removed
 
 
 # ---------------------------------------------------------------------------------------------
