@@ -165,3 +165,20 @@ def test_too_short_episodes_give_a_clear_error(tmp_path):
     ds = store.Dataset(write_synthetic(tmp_path / "s", [3, 4]))
     with pytest.raises(UserError, match="no train episode of at least 8 frames"):
         ClipSampler(ds, "train", 8, batch_size=2)
+
+
+def test_data_info_into_a_closed_pipe_ends_quietly(coinrun_data):
+    """`procgenie data info D | head -0`: the reader has gone before the first line; no traceback, status 0."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "procgenie", "data", "info", str(coinrun_data)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
