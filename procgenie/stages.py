@@ -120,7 +120,7 @@ def train_stage(stage: str, data: str, run: str, preset: str | None, steps: int 
         val = None
         if rank == 0 and len(ds.episodes("val")) and (ds.episodes("val")["length"] >= sc.model.seq_len).any():
             val = ClipSampler(ds, "val", sc.model.seq_len, sc.train.batch_size, seed=sc.train.seed)
-        result = fit(model, sc, sampler, stage_dir, device, rank, world, val=val)
+        result = fit(model, sc, sampler, stage_dir, device, rank, world, val=val, precision=precision)
         if stage in FINISH and rank == 0:
             FINISH[stage](run_dir, model, sampler, device)
     if world > 1:

@@ -95,13 +95,15 @@ def fit(
     world: int = 1,
     quiet: bool = False,
     val: ClipSampler | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Train `model` to sc.train.steps, resuming from stage_dir/state.safetensors if there is one; at every
-    checkpoint, the loss on `val` (the val split's clips, where there are any) goes into val.jsonl."""
+    checkpoint, the loss on `val` (the val split's clips, where there are any) goes into val.jsonl. `precision`:
+    the run's (`run_precision`), where the caller has it already."""
     t = sc.train
     opt = make_optimizer(model, t, device)
     state_path = stage_dir / "state.safetensors"
-    precision = run_precision(state_path, t, device)
+    precision = precision or run_precision(state_path, t, device)
     start = ckpt.load_state(state_path, model, opt)["step"] if state_path.exists() else 0
     if rank == 0:  # what a killed run left behind: half-written checkpoints, log lines of steps it redoes
         remove_stale_tmp(stage_dir)

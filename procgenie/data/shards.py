@@ -10,7 +10,6 @@ import numpy as np
 
 from procgenie.atomic import remove_stale_tmp, write_atomic
 from procgenie.data import store
-from procgenie.data.store import sha256_file
 from procgenie.errors import UserError
 
 
@@ -30,14 +29,8 @@ def open_for_writing(root: Path, how: str, identity: dict, header: dict) -> dict
     else:
         if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
             raise UserError(f"--out {root} is a folder with other files in it: give an empty or new folder")
-        manifest = {
-            "format": store.FORMAT,
-            "version": store.VERSION,
-            "split_rule": store.SPLIT_RULE,
-            **header,
-            how: identity,
-        }
-        manifest |= {"sessions": 0, "shards": []}
+        manifest = {"format": store.FORMAT, "version": store.VERSION, "split_rule": store.SPLIT_RULE, **header}
+        manifest |= {how: identity, "sessions": 0, "shards": []}
     (root / "shards").mkdir(parents=True, exist_ok=True)
     remove_orphans(root, manifest)
     remove_stale_tmp(root)  # a manifest write that a kill cut short
@@ -50,11 +43,8 @@ def remove_orphans(root: Path, manifest: dict) -> int:
     removed = 0
     for path in (root / "shards").glob("*"):
         stem = path.name.split(".")[0]
-        if (
-            path.name.startswith(".")
-            and path.name.endswith(".tmp")
-            or (store.SHARD_NAME.match(stem) and stem not in known)
-        ):
+        half_written = path.name.startswith(".") and path.name.endswith(".tmp")
+        if half_written or (store.SHARD_NAME.match(stem) and stem not in known):
             path.unlink()
             removed += 1
     return removed
@@ -87,7 +77,7 @@ def write_shard(root: Path, name: str, split: str, episodes: list[dict]) -> dict
         "frames": int(len(frames)),
         "episodes": len(episodes),
         "shape": list(frames.shape[1:]),
-        "sha256": {"frames": h.hexdigest(), "steps": sha256_file(spath)},
+        "sha256": {"frames": h.hexdigest(), "steps": store.sha256_file(spath)},
     }
 
 
