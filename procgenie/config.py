@@ -106,6 +106,12 @@ class DynamicsConfig:
         "loss weight of the masked codes that differ from the previous frame's code at "
         "their place, against 1 for those that stay (1: plain MaskGIT loss)",
     )
+    warp: bool = _f(
+        False,
+        "motion compensation: predict the camera's shift per action and take the codes of the last frame moved "
+        "by it as a prior for the next frame's (procgenie/nn/warp.py)",
+    )
+    warp_jitter: float = _f(0.25, "share of training frames whose prior is moved by a shift up to 1 px off (warp)")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
     decode: str = _f(
         "sample",

@@ -60,16 +60,14 @@ def pooled_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (-10 * mse.log10()).numpy()
 
 
-def camera_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 6) -> np.ndarray:
-    """The integer translation (dx, dy) in [-max_shift, max_shift]^2 that best maps frame a onto frame b: the
-    least mean squared error of b[y, x] against a[y - dy, x - dx] over the overlap. uint8 (..., H, W, C) pairs ->
-    int (..., 2). Content moving right gives dx > 0, down dy > 0 (CoinRun's camera follows the player, so the
-    level moves against the player's motion)."""
-    x = torch.from_numpy(np.asarray(a).reshape(-1, *np.asarray(a).shape[-3:])).float()
-    y = torch.from_numpy(np.asarray(b).reshape(-1, *np.asarray(b).shape[-3:])).float()
+def frame_shift(a_BHWC: torch.Tensor, b_BHWC: torch.Tensor, max_shift: int = 6) -> torch.Tensor:
+    """The integer translation (dx, dy) that best maps each frame a onto frame b: the least mean squared error of
+    b[y, x] against a[y - dy, x - dx] over the overlap; a tie with no shift (a still or flat screen) is no shift.
+    Frames (B, H, W, C), any dtype -> int64 (B, 2)."""
+    x, y = a_BHWC.float(), b_BHWC.float()
     H, W = x.shape[1:3]
     r = range(-max_shift, max_shift + 1)
-    err = torch.empty(x.shape[0], len(r), len(r))
+    err = torch.empty(x.shape[0], len(r), len(r), device=x.device)
     for i, dy in enumerate(r):
         for j, dx in enumerate(r):
             src = x[:, max(0, -dy) : H - max(0, dy), max(0, -dx) : W - max(0, dx)]
@@ -77,10 +75,18 @@ def camera_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 6) -> np.ndarray
             err[:, i, j] = (dst - src).pow(2).flatten(1).mean(1)
     best = err.flatten(1).argmin(1)
     dy, dx = best // len(r) - max_shift, best % len(r) - max_shift
-    # A still pair (or a flat screen) ties every shift at 0 error: prefer no shift.
     still = err[:, max_shift, max_shift] <= err.flatten(1).min(1).values
-    dx, dy = dx.masked_fill(still, 0), dy.masked_fill(still, 0)
-    return torch.stack([dx, dy], -1).numpy().reshape(*np.asarray(a).shape[:-3], 2)
+    return torch.stack([dx, dy], -1).masked_fill(still[:, None], 0)
+
+
+def camera_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 6) -> np.ndarray:
+    """The integer translation (dx, dy) in [-max_shift, max_shift]^2 that best maps frame a onto frame b: the
+    least mean squared error of b[y, x] against a[y - dy, x - dx] over the overlap. uint8 (..., H, W, C) pairs ->
+    int (..., 2). Content moving right gives dx > 0, down dy > 0 (CoinRun's camera follows the player, so the
+    level moves against the player's motion)."""
+    a, b = np.asarray(a), np.asarray(b)
+    x, y = (torch.from_numpy(f.reshape(-1, *f.shape[-3:])) for f in (a, b))
+    return frame_shift(x, y, max_shift).numpy().reshape(*a.shape[:-3], 2)
 
 
 def motion_error(dream: np.ndarray, real: np.ndarray, last_context: np.ndarray) -> np.ndarray:

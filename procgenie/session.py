@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from procgenie.errors import UserError
+from procgenie.nn.warp import warped_prior
 
 if TYPE_CHECKING:
     from procgenie.world import WorldModel
@@ -58,6 +59,7 @@ class Session:
             self.dec_caches = tok.decoder.new_caches(tok.cfg.seq_len - 1)
             pos = torch.arange(C, device=wm.device)
             tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)  # fill the decoder's cache
+        self.last = ctx[:, -1]  # (B, H, W, 3) uint8: what a warp model moves into the next frame's prior
         self.frame_shape = tuple(context.shape[2:])
 
     @property
@@ -69,14 +71,21 @@ class Session:
     def step(self, action_B: torch.Tensor) -> np.ndarray:
         """Take actions (B,) -> the next frames, uint8 (B, H, W, 3)."""
         wm = self.wm
+        action_B = action_B.to(wm.device)
         with wm.compute_precision():
+            prior = None
+            if self.dyn.cfg.warp:  # the last frame moved by the camera's predicted shift
+                prior = warped_prior(wm.tokenizer, self.last, self.dyn.next_shift(self.state, action_B))
             codes = self.dyn.step(
                 self.state,
-                action_B.to(wm.device),
+                action_B,
                 steps=self.steps,
                 temperature=self.temperature,
                 generator=self.generator,
+                prior=prior,
             )
             pos = torch.tensor([self.state.t - 1], device=wm.device)  # the frame just generated
             frame = wm.tokenizer.decode(codes[:, None], caches=self.dec_caches, pos=pos, commit=True)[:, 0]
-        return to_uint8(frame)
+        frame = to_uint8(frame)
+        self.last = torch.from_numpy(frame).to(wm.device)
+        return frame

@@ -7,6 +7,8 @@
     python scripts/finetune_bundled.py runs/ftl --stage dynamics --set changed_weight=4
     procgenie train dynamics --data data/mix --run runs/ftl --steps 4000 --set changed_weight=4
 
+    python scripts/finetune_bundled.py runs/w --set warp=true   # motion compensation: new parts start neutral
+
 The bundle's other stages are copied as they are; the chosen one gets the bundled config (with --set model
 fields changed) and a trainer state at the bundled step: the bundled weights in float32 and a fresh AdamW,
 so training resumes on the bundled schedule stretched to the new --steps.
@@ -41,6 +43,8 @@ def main() -> None:
     for stage in {"tokenizer", "lam", "dynamics", "dynamics-real"} - {name}:
         shutil.copytree(src / stage, run / stage, dirs_exist_ok=True)
     sc, extra = ckpt.read_config(src / name, "dynamics")
+    bundled = build(sc, Links.from_json(extra["links"]))
+    ckpt.load_weights(src / name / "model.safetensors", bundled)
     apply_overrides({"dynamics": sc}, a.set, ("dynamics",))
     extra["data"]["path"] = str(Path(a.data).resolve())
     out = run / name
@@ -48,7 +52,10 @@ def main() -> None:
     ckpt.write_config(out, sc, extra)
     shutil.copyfile(src / name / "log.jsonl", out / "log.jsonl")  # the log goes on from the bundle's
     model = build(sc, Links.from_json(extra["links"]))
-    ckpt.load_weights(src / name / "model.safetensors", model)
+    # Parts that --set adds (warp's prior table and shift head) keep their initial values.
+    missing, unexpected = model.load_state_dict(bundled.state_dict(), strict=False)
+    if unexpected:
+        raise SystemExit(f"error: --set removed parts of the bundled model: {unexpected}")
     model = model.float()
     ckpt.save_state(
         out / "state.safetensors", model, make_optimizer(model, sc.train, torch.device("cpu")), sc.train.steps, {}

@@ -111,7 +111,7 @@ def test_maskgit_fills_every_code_feeds_back_and_is_seeded(steps, decode):
     dyn._logits = lambda h: (seen.append(None), logits(h))[1]
     inputs = []
     embed = dyn._embed
-    dyn._embed = lambda c, a, masked: (inputs.append((c.clone(), masked)), embed(c, a, masked))[1]
+    dyn._embed = lambda c, a, masked, prior=None: (inputs.append((c.clone(), masked)), embed(c, a, masked, prior))[1]
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)

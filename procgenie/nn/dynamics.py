@@ -33,8 +33,10 @@ from einops import rearrange
 
 from procgenie.config import DynamicsConfig
 from procgenie.errors import UserError
+from procgenie.metrics import frame_shift
 from procgenie.nn.blocks import STTransformer, init_weights, window_mask
 from procgenie.nn.stage import StageModel
+from procgenie.nn.warp import SHIFTS, shift_classes, warped_prior
 
 
 def two_stream_mask(T: int, device) -> torch.Tensor:
@@ -66,6 +68,7 @@ class Rollout:
     caches: list
     t: int
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    last_h: torch.Tensor | None = None  # (B, D) the last clean frame's pooled output (warp: the shift head's input)
 
 
 class Dynamics(StageModel):
@@ -92,7 +95,12 @@ class Dynamics(StageModel):
         self.token_cond = cfg.action_cond == "token"
         self.transformer = STTransformer(D, cfg.depth, cfg.heads, positions + self.token_cond)
         self.head = nn.Linear(D, self.G * vocab)
+        if cfg.warp:  # the prior's codes (a table per slot), and the shift after a frame for each action, per axis
+            self.prior_embed = nn.Embedding(self.G * (vocab + 1), D)
+            self.shift_head = nn.Linear(D, (num_actions + 1) * 2 * SHIFTS)
         init_weights(self)
+        if cfg.warp:  # no prior yet: a model continued with warp on starts as it was
+            nn.init.zeros_(self.prior_embed.weight)
         self.register_buffer("slot", torch.arange(self.G) * (vocab + 1), persistent=False)
         self._frozen: Frozen | None = None  # attached for training; a plain object, so not part of the weights
 
@@ -101,10 +109,12 @@ class Dynamics(StageModel):
         self._frozen = Frozen(tokenizer.eval().requires_grad_(False), lam.eval().requires_grad_(False))
 
     # -- embedding ------------------------------------------------------------------------------
-    def _embed(self, codes_BTNG, actions_BT, masked: bool) -> torch.Tensor:
+    def _embed(self, codes_BTNG, actions_BT, masked: bool, prior_BTNG=None) -> torch.Tensor:
         x = self.code_embed(codes_BTNG + self.slot).sum(-2)  # (B, T, N, D)
         if masked:
             x = x + self.target
+        if prior_BTNG is not None:
+            x = x + self.prior_embed(prior_BTNG + self.slot).sum(-2)
         a = self.action_embed(actions_BT)[:, :, None]  # (B, T, 1, D)
         return torch.cat([a, x], 2) if self.token_cond else x + a
 
@@ -112,20 +122,36 @@ class Dynamics(StageModel):
         h = h_BTND[:, :, -self.N :]
         return rearrange(self.head(h), "b t n (g v) -> b t n g v", g=self.G)
 
+    def _shift_logits(self, h_BTND, actions_BT) -> torch.Tensor:
+        """Logits (B, T, 2, SHIFTS) of the camera's shift (dx, dy) after each clean frame under the action taken."""
+        s = rearrange(self.shift_head(h_BTND[:, :, -self.N :].mean(2)), "b t (a k s) -> b t a k s", k=2, s=SHIFTS)
+        return s.gather(2, actions_BT[:, :, None, None, None].expand(-1, -1, 1, 2, SHIFTS))[:, :, 0]
+
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The training loop's loss on a batch of frames (B, T, H, W, 3) and real actions (B, T-1): the frozen
         tokenizer makes the codes, and the frozen LAM the latent actions (a model on real actions keeps them)."""
         if self._frozen is None:
             raise RuntimeError("attach() the frozen tokenizer and LAM before training on frames")
+        frames = batch["frames"]
         with torch.no_grad():
-            codes = self._frozen.tokenizer.encode(batch["frames"])
-            actions = batch["actions"] if self.real else self._frozen.lam.infer(batch["frames"])
-        return self.code_loss(codes, actions)
+            codes = self._frozen.tokenizer.encode(frames)
+            actions = batch["actions"] if self.real else self._frozen.lam.infer(frames)
+            if not self.cfg.warp:
+                return self.code_loss(codes, actions)
+            prev, nxt = frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)  # (B*(T-1), H, W, C)
+            shift = frame_shift(prev, nxt)  # the real camera's, what the shift head learns
+            off = torch.randint(-1, 2, shift.shape, device=shift.device)  # the prior, sometimes a little off, as a
+            jitter = torch.rand(shift.shape[0], 1, device=shift.device) < self.cfg.warp_jitter  # predicted one may be
+            prior = warped_prior(self._frozen.tokenizer, prev, shift + off * jitter)
+        B, T = codes.shape[:2]
+        return self.code_loss(codes, actions, prior.unflatten(0, (B, T - 1)), shift.unflatten(0, (B, T - 1)))
 
-    def code_loss(self, codes: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def code_loss(self, codes, actions, prior=None, shift=None) -> tuple[torch.Tensor, dict]:
         """MaskGIT's loss on codes (B, T, N, G) and the actions between their frames (B, T-1): cross-entropy of
-        the masked codes of frames 2..T, at a mask rate drawn per frame from [mask_min, mask_max]."""
+        the masked codes of frames 2..T, at a mask rate drawn per frame from [mask_min, mask_max]. With warp, also
+        the priors (B, T-1, N, G) of frames 2..T and the camera's shifts (B, T-1, 2) into them: the shift head's
+        cross-entropy is added."""
         actions = actions.to(codes.device)
         B, T = codes.shape[:2]
         if self.real and self.cfg.action_dropout > 0:  # some frames' actions unknown, as a caller's context may be
@@ -133,7 +159,9 @@ class Dynamics(StageModel):
             actions = actions.masked_fill(unknown, self.A)
         rate = torch.empty(B, T - 1, 1, 1, device=codes.device).uniform_(self.cfg.mask_min, self.cfg.mask_max)
         mask = torch.rand(B, T - 1, self.N, self.G, device=codes.device) < rate
-        logits, target = self.teacher_forced_logits(codes, actions, mask), codes[:, 1:]
+        logits, target = self.teacher_forced_logits(codes, actions, mask, prior), codes[:, 1:]
+        if shift is not None:
+            logits, h = logits
         weight = mask.float()
         if self.cfg.changed_weight != 1.0:  # the codes that change are where an action shows
             weight = weight * torch.where(target != codes[:, :-1], self.cfg.changed_weight, 1.0)
@@ -149,34 +177,62 @@ class Dynamics(StageModel):
             logits, target, w = logits[mask].float(), target[mask], weight[mask]  # (M, V), (M,), (M,)
             ce = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum()
             acc = (logits.argmax(-1) == target).float().mean()
-        return ce, {"ce": ce.detach(), "acc": acc.detach()}  # tensors: the training loop reads them
+        metrics = {"ce": ce.detach(), "acc": acc.detach()}  # tensors: the training loop reads them
+        if shift is not None:  # the clean frames 1..T-1, each under the action that followed it
+            s = self._shift_logits(h, actions)  # (B, T-1, 2, SHIFTS)
+            shift_ce = F.cross_entropy(s.flatten(0, -2).float(), shift_classes(shift).flatten())
+            metrics |= {
+                "shift_ce": shift_ce.detach(),
+                "shift_acc": (s.argmax(-1) == shift_classes(shift)).all(-1).float().mean(),
+            }
+            ce = ce + shift_ce
+        return ce, metrics
 
-    def teacher_forced_logits(self, codes_BTNG, actions_BT, mask_BTNG) -> torch.Tensor:
+    def teacher_forced_logits(self, codes_BTNG, actions_BT, mask_BTNG, prior_BTNG=None):
         """Logits (B, T-1, N, G, V) for frames 2..T, each from the clean frames before it and its own
-        codes masked where mask (B, T-1, N, G) is set; frame t+1 is conditioned on action a_t."""
+        codes masked where mask (B, T-1, N, G) is set; frame t+1 is conditioned on action a_t. With priors
+        (B, T-1, N, G) for frames 2..T (warp): also the clean stream's output (B, T-1, N', D)."""
         T = codes_BTNG.shape[1]
         act_in = F.pad(actions_BT, (1, 0), value=self.A)  # frame t gets a_{t-1}
         masked = codes_BTNG[:, 1:].masked_fill(mask_BTNG, self.mask_id)
         x = torch.cat(
-            [self._embed(codes_BTNG[:, :-1], act_in[:, :-1], False), self._embed(masked, act_in[:, 1:], True)], 1
+            [
+                self._embed(codes_BTNG[:, :-1], act_in[:, :-1], False),
+                self._embed(masked, act_in[:, 1:], True, prior_BTNG),
+            ],
+            1,
         )
         pos = torch.cat([torch.arange(T - 1), torch.arange(1, T)]).to(codes_BTNG.device)
         h = self.transformer(x, tmask=two_stream_mask(T, codes_BTNG.device), pos=pos)
-        return self._logits(h[:, T - 1 :])
+        logits = self._logits(h[:, T - 1 :])
+        return logits if prior_BTNG is None else (logits, h[:, : T - 1])
 
     # -- generation -----------------------------------------------------------------------------
     def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor) -> Rollout:
         """Fill a key/value cache with context frames (B, C, N, G) and the actions that led to them (B, C)."""
         caches = self.transformer.new_caches(self.cfg.seq_len - 1)
         C, dev = codes_BCNG.shape[1], codes_BCNG.device
-        self.transformer(
+        h = self.transformer(
             self._embed(codes_BCNG, actions_BC, False),
             tmask=window_mask(C, self.cfg.seq_len - 1, dev),
             pos=torch.arange(C, device=dev),
             caches=caches,
             commit=True,
         )
-        return Rollout(caches, C)
+        return Rollout(caches, C, last_h=h[:, -1:])
+
+    @torch.no_grad()
+    def next_shift(self, state: Rollout, action_B: torch.Tensor) -> torch.Tensor:
+        """warp: the camera's shift (B, 2) after the last frame under `action_B`, the most likely per axis. The
+        last generated frame joins the key/value cache here, in a pass of its own, since the prior of the next
+        frame needs this shift first."""
+        if state.pending is not None:
+            for c in state.caches:
+                c.keep_last(self.cfg.seq_len - 2)
+            x = self._embed(state.pending[0], state.pending[1][:, None], False)
+            pos = torch.tensor([state.t - 1], device=action_B.device)
+            state.last_h, state.pending = self.transformer(x, pos=pos, caches=state.caches, commit=True), None
+        return self._shift_logits(state.last_h, action_B[:, None])[:, 0].argmax(-1) - SHIFTS // 2
 
     @torch.no_grad()
     def step(
@@ -186,17 +242,22 @@ class Dynamics(StageModel):
         steps: int | None = None,
         temperature: float | None = None,
         generator: torch.Generator | None = None,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Generate the next frame's codes (B, N, G) after taking latent action `action_B`. The frame enters the
-        key/value cache in the next call's first round."""
+        """Generate the next frame's codes (B, N, G) after taking latent action `action_B` (warp: given the codes
+        (B, N, G) of the last frame moved by `next_shift`). The frame enters the key/value cache in the next
+        call's first round."""
         steps = steps or self.cfg.maskgit_steps
         decode = self.cfg.decode if temperature is None else "sample"  # a temperature asked for means sampling
         temperature = self.cfg.temperature if temperature is None else temperature
         B, dev, t, caches, pending = action_B.shape[0], action_B.device, state.t, state.caches, state.pending
         codes = torch.full((B, 1, self.N, self.G), self.mask_id, dtype=torch.long, device=dev)
+        if self.cfg.warp and prior is None:
+            raise ValueError("a warp dynamics model steps on a prior: call next_shift, warp the last frame, encode it")
+        x_prior = None if prior is None else prior[:, None]
         total = self.N * self.G
         for k in range(steps):
-            x = self._embed(codes, action_B[:, None], True)
+            x = self._embed(codes, action_B[:, None], True, x_prior)
             if k == 0 and pending is not None:  # the last frame joins the clean past in this pass
                 for c in caches:
                     c.keep_last(self.cfg.seq_len - 2)
@@ -206,7 +267,7 @@ class Dynamics(StageModel):
                 h = self.transformer(x, pos=torch.tensor([t], device=dev), caches=caches)
             logits = self._logits(h)[:, 0].float()  # (B, N, G, V)
             if self.real and self.cfg.guidance != 1:  # the same frame under "unknown", after the pending frame joined
-                x = self._embed(codes, torch.full_like(action_B, self.A)[:, None], True)
+                x = self._embed(codes, torch.full_like(action_B, self.A)[:, None], True, x_prior)
                 free = self._logits(self.transformer(x, pos=torch.tensor([t], device=dev), caches=caches))[:, 0].float()
                 logits = free + self.cfg.guidance * (logits - free)
             sample, conf = self._pick(logits, decode, temperature, generator)  # (B, N, G) each

@@ -1,0 +1,144 @@
+"""Motion compensation (`dynamics.warp`): the camera's shift, the moved frame, the shift head's alignment with
+the actions, generation against training, and a warp world model through the command line and the API."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli, sh
+from test_models import make_dynamics
+
+from procgenie import WorldModel
+from procgenie.nn.warp import MAX_SHIFT, frame_shift, shift_frames
+
+
+def texture(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (B, 16, 16, 3), generator=g, dtype=torch.uint8)
+    return blocks.repeat_interleave(4, 1).repeat_interleave(4, 2)  # (B, 64, 64, 3): 4-px blocks
+
+
+@pytest.mark.parametrize("dx, dy", [(2, 0), (-1, 0), (0, 3), (-4, -2)])
+def test_a_frame_moved_by_a_shift_is_found_moved_by_it_and_its_uncovered_edge_repeats_the_border(dx, dy):
+    a = texture()
+    b = shift_frames(a, torch.tensor([[dx, dy]] * 3))
+    assert frame_shift(a, b).tolist() == [[dx, dy]] * 3
+    if dy == 0 and dx > 0:  # content moved right: the uncovered left strip repeats the old left column
+        assert (b[:, :, :dx] == a[:, :, :1]).all()
+    assert torch.equal(shift_frames(a, torch.zeros(3, 2, dtype=torch.long)), a)
+
+
+def warp_pair():
+    """A plain tiny dynamics model and the same with warp on, continued from it as scripts/finetune_bundled.py
+    does (the new parts at their initial values)."""
+    plain = make_dynamics(decode="mean", depth=2, seq_len=5, temperature=0.0)
+    warp = make_dynamics(decode="mean", depth=2, seq_len=5, temperature=0.0, warp=True)
+    missing, unexpected = warp.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted({k.split(".")[0] for k in missing}) == ["prior_embed", "shift_head"]
+    return plain, warp
+
+
+def test_a_model_continued_with_warp_on_starts_as_it_was():
+    plain, warp = warp_pair()
+    codes, acts = torch.randint(0, 50, (2, 4, 6, 2)), torch.randint(0, 4, (2, 3))
+    mask, prior = torch.rand(2, 3, 6, 2) < 0.7, torch.randint(0, 50, (2, 3, 6, 2))
+    logits, _ = warp.teacher_forced_logits(codes, acts, mask, prior)
+    assert torch.allclose(logits, plain.teacher_forced_logits(codes, acts, mask), atol=1e-5)
+    torch.nn.init.normal_(warp.prior_embed.weight)  # once trained, the prior matters
+    assert not torch.allclose(warp.teacher_forced_logits(codes, acts, mask, prior)[0], logits, atol=1e-3)
+
+
+def test_the_shift_after_frame_t_reads_action_t_and_no_later_frame():
+    _, dyn = warp_pair()
+    torch.nn.init.normal_(dyn.shift_head.weight)
+    codes, acts = torch.randint(0, 50, (1, 4, 6, 2)), torch.zeros(1, 3, dtype=torch.long)
+    mask, prior = torch.ones(1, 3, 6, 2, dtype=torch.bool), torch.randint(0, 50, (1, 3, 6, 2))
+
+    def shifts(c, a):
+        return dyn._shift_logits(dyn.teacher_forced_logits(c, a, mask, prior)[1], a)  # (1, 3, 2, SHIFTS)
+
+    base = shifts(codes, acts)
+    for t in range(3):
+        changed = acts.clone()
+        changed[:, t] = 2
+        out = shifts(codes, changed)
+        assert not torch.allclose(out[:, t], base[:, t]) and torch.allclose(out[:, :t], base[:, :t], atol=1e-6)
+    later = codes.clone()
+    later[:, 2:] = (later[:, 2:] + 1) % 50  # frames 2, 3 change: the shifts after frames 0, 1 must not
+    assert torch.allclose(shifts(later, acts)[:, :2], base[:, :2], atol=1e-6)
+
+
+def test_generation_predicts_the_shift_and_codes_that_the_training_pass_predicts():
+    _, dyn = warp_pair()
+    torch.nn.init.normal_(dyn.shift_head.weight)
+    torch.nn.init.normal_(dyn.prior_embed.weight)
+    C, T = 2, dyn.cfg.seq_len
+    acts, priors = torch.randint(0, 4, (1, T - 1)), torch.randint(0, 50, (1, T - 1, 6, 2))
+    frames, shifts = [torch.randint(0, 50, (1, C, 6, 2))], []
+    state = dyn.start(frames[0], F.pad(acts[:, : C - 1], (1, 0), value=dyn.A))
+    with pytest.raises(ValueError, match="prior"):
+        dyn.step(state, acts[:, C - 1], steps=1)
+    for t in range(C, T):
+        shifts.append(dyn.next_shift(state, acts[:, t - 1]))
+        frames.append(dyn.step(state, acts[:, t - 1], steps=1, prior=priors[:, t - 1])[:, None])
+    codes = torch.cat(frames, 1)
+    mask = torch.ones(1, T - 1, 6, 2, dtype=torch.bool)
+    with torch.no_grad():
+        logits, h = dyn.teacher_forced_logits(codes, acts, mask, priors)
+        expected = dyn._pick(logits[:, C - 1 :].float(), "mean", 0.0, None)[0]
+        expected_shift = dyn._shift_logits(h, acts)[:, C - 1 :].argmax(-1) - MAX_SHIFT
+    assert torch.equal(codes[:, C:], expected)
+    assert torch.equal(torch.stack(shifts, 1), expected_shift)
+
+
+def test_the_shift_head_learns_a_scrolling_world():
+    """Frames that scroll 2 px right per step under action 1 and stand still under action 0: the loss's shift
+    term teaches the head which (it reads the real frames' shifts, as in training on a dataset)."""
+    torch.manual_seed(0)
+    _, dyn = warp_pair()
+    dyn.train()
+    base = texture(B=4, seed=1)
+    acts = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0]])
+    frames = [base]
+    for t in range(3):
+        frames.append(shift_frames(frames[-1], torch.stack([2 * acts[:, t], 0 * acts[:, t]], 1)))
+    frames = torch.stack(frames, 1)  # (4, 4, 64, 64, 3)
+    codes = torch.randint(0, 50, (4, 4, 6, 2))
+    shift = frame_shift(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)).unflatten(0, (4, 3))
+    assert torch.equal(shift[..., 0], 2 * acts)
+    opt = torch.optim.AdamW(dyn.parameters(), 3e-3)
+    for _ in range(60):
+        loss, metrics = dyn.code_loss(codes, acts, codes[:, 1:], shift)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert metrics["shift_acc"].item() == 1.0
+
+
+@pytest.mark.slow
+def test_a_warp_world_model_trains_evaluates_and_plays_through_the_command_line(tiny_run, coinrun_data, tmp_path):
+    import shutil
+
+    run = tmp_path / "warp"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "dynamics")
+    run_cli(*sh(f"train dynamics --data {coinrun_data} --run {run} --preset tiny --set warp=true workers=0"))
+    wm = WorldModel.from_pretrained(run, device="cpu")
+    assert wm.dynamics.cfg.warp
+    from procgenie.data.store import Dataset
+
+    ds = Dataset(coinrun_data)
+    ep = ds.episodes("train")
+    clip = ds.episode(ep[ep["length"] >= 6][0])["frames"][None, :6]
+    seen = []
+    next_shift = wm.dynamics.next_shift
+    wm.dynamics.next_shift = lambda s, a: (seen.append(next_shift(s, a)), seen[-1])[1]
+    out = wm.generate(clip[:, :3], np.array([[0, 1, 2]]), seed=0)
+    assert out.shape == (1, 3, 64, 64, 3) and len(seen) == 3  # one predicted shift per generated frame
+    assert all(s.shape == (1, 2) and s.abs().max() <= MAX_SHIFT for s in seen)
+    out_dir = tmp_path / "report"
+    run_cli(*sh(f"eval --checkpoint {run} --data {coinrun_data} --out {out_dir} --episodes 2 --context 2 --horizon 3"))
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert len(m["dynamics"]["psnr_by_step"]) == 3 and all(np.isfinite(m["dynamics"]["psnr_by_step"]))
