@@ -137,8 +137,9 @@ class Dynamics(StageModel):
         with torch.no_grad():
             codes = self._frozen.tokenizer.encode(frames)
             actions = batch["actions"] if self.real else self._frozen.lam.infer(frames)
-            if not self.cfg.warp:
-                return self.code_loss(codes, actions)
+        if not self.cfg.warp:
+            return self.code_loss(codes, actions)
+        with torch.no_grad():
             prev, nxt = frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)  # (B*(T-1), H, W, C)
             shift = frame_shift(prev, nxt)  # the real camera's, what the shift head learns
             off = torch.randint(-1, 2, shift.shape, device=shift.device)  # the prior, sometimes a little off, as a
