@@ -87,5 +87,6 @@ class Session:
             pos = torch.tensor([self.state.t - 1], device=wm.device)  # the frame just generated
             frame = wm.tokenizer.decode(codes[:, None], caches=self.dec_caches, pos=pos, commit=True)[:, 0]
         frame = to_uint8(frame)
-        self.last = torch.from_numpy(frame).to(wm.device)
+        if self.dyn.cfg.warp:  # only a warp model slides the last frame
+            self.last = torch.from_numpy(frame).to(wm.device)
         return frame

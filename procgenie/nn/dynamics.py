@@ -68,7 +68,7 @@ class Rollout:
     caches: list
     t: int
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
-    last_h: torch.Tensor | None = None  # (B, D) the last clean frame's pooled output (warp: the shift head's input)
+    last_h: torch.Tensor | None = None  # (B, 1, N', D) the last clean frame's output (warp: the shift head's input)
 
 
 class Dynamics(StageModel):
@@ -137,22 +137,23 @@ class Dynamics(StageModel):
         with torch.no_grad():
             codes = self._frozen.tokenizer.encode(frames)
             actions = batch["actions"] if self.real else self._frozen.lam.infer(frames)
-        if not self.cfg.warp:
-            return self.code_loss(codes, actions)
-        with torch.no_grad():
-            prev, nxt = frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)  # (B*(T-1), H, W, C)
-            shift = frame_shift(prev, nxt)  # the real camera's, what the shift head learns
-            off = torch.randint(-1, 2, shift.shape, device=shift.device)  # the prior, sometimes a little off, as a
-            jitter = torch.rand(shift.shape[0], 1, device=shift.device) < self.cfg.warp_jitter  # predicted one may be
-            prior = warped_prior(self._frozen.tokenizer, prev, shift + off * jitter)
-        B, T = codes.shape[:2]
-        return self.code_loss(codes, actions, prior.unflatten(0, (B, T - 1)), shift.unflatten(0, (B, T - 1)))
+            prior, shift = self._warp_targets(frames) if self.cfg.warp else (None, None)
+        return self.code_loss(codes, actions, prior, shift)
+
+    def _warp_targets(self, frames_BTHWC):
+        """warp: the priors (B, T-1, N, G) of frames 2..T and the real camera shifts (B, T-1, 2) into them."""
+        B, T = frames_BTHWC.shape[:2]
+        prev, nxt = frames_BTHWC[:, :-1].flatten(0, 1), frames_BTHWC[:, 1:].flatten(0, 1)  # (B*(T-1), H, W, C)
+        shift = frame_shift(prev, nxt)  # the real camera's, what the shift head learns
+        off = torch.randint(-1, 2, shift.shape, device=shift.device)  # the prior, sometimes a little off, as a
+        jitter = torch.rand(shift.shape[0], 1, device=shift.device) < self.cfg.warp_jitter  # predicted one may be
+        prior = warped_prior(self._frozen.tokenizer, prev, shift + off * jitter)
+        return prior.unflatten(0, (B, T - 1)), shift.unflatten(0, (B, T - 1))
 
     def code_loss(self, codes, actions, prior=None, shift=None) -> tuple[torch.Tensor, dict]:
         """MaskGIT's loss on codes (B, T, N, G) and the actions between their frames (B, T-1): cross-entropy of
-        the masked codes of frames 2..T, at a mask rate drawn per frame from [mask_min, mask_max]. With warp, also
-        the priors (B, T-1, N, G) of frames 2..T and the camera's shifts (B, T-1, 2) into them: the shift head's
-        cross-entropy is added."""
+        the masked codes of frames 2..T, at a mask rate drawn per frame from [mask_min, mask_max]. With warp's
+        priors and shifts (_warp_targets), the shift head's cross-entropy is added."""
         actions = actions.to(codes.device)
         B, T = codes.shape[:2]
         if self.real and self.cfg.action_dropout > 0:  # some frames' actions unknown, as a caller's context may be
@@ -224,9 +225,8 @@ class Dynamics(StageModel):
 
     @torch.no_grad()
     def next_shift(self, state: Rollout, action_B: torch.Tensor) -> torch.Tensor:
-        """warp: the camera's shift (B, 2) after the last frame under `action_B`, the most likely per axis. The
-        last generated frame joins the key/value cache here, in a pass of its own, since the prior of the next
-        frame needs this shift first."""
+        """warp: the camera's shift (B, 2) after the last frame under `action_B`, the most likely per axis. The last
+        generated frame joins the cache here, in a pass of its own: the next frame's prior needs this shift first."""
         if state.pending is not None:
             for c in state.caches:
                 c.keep_last(self.cfg.seq_len - 2)
