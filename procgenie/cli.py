@@ -167,9 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes metrics.json, pictures, plots, a GIF and report.html into --out.",
     )
     _checkpoint_arg(e)
-    e.add_argument("--data", required=True, help="dataset folder; its test split is used")
+    e.add_argument("--data", required=True, help="dataset folder; its test split is used (see --split)")
     e.add_argument("--out", required=True, help="folder for the report")
-    e.add_argument("--episodes", type=int, default=32, help="test episodes (default 32)")
+    e.add_argument("--episodes", type=int, default=32, help="episodes, one clip from each (default 32)")
+    e.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val", "train"),
+        help="the split to take clips from (default test; val where a dataset has no usable test split)",
+    )
     e.add_argument("--context", type=int, default=4, help="context frames (default 4)")
     e.add_argument("--horizon", type=int, default=10, help="frames generated after the context (default 10)")
     _maskgit_arg(e)

@@ -1,9 +1,10 @@
 """`procgenie eval`: score a world model on test-split levels and write metrics.json and report.html.
 
-Clips of context + horizon frames come from test episodes (levels no training episode used). The
-tokenizer reconstructs them; the LAM infers their latent actions; the dynamics model continues each
-clip from its first `context` frames under those actions (and under random ones, for Genie's
-controllability metric), and once more one step at a time from real frames (teacher-forced).
+Clips of context + horizon frames come from test episodes (levels no training episode used; `--split val`
+takes the val split's, where a dataset has no usable test split). The tokenizer reconstructs them; the LAM
+infers their latent actions; the dynamics model continues each clip from its first `context` frames under
+those actions (and under random ones, for Genie's controllability metric), and once more one step at a
+time from real frames (teacher-forced).
 
 Letters: K clips, C context frames, H horizon, A latent actions.
 """
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from procgenie import metrics as M
 from procgenie.atomic import write_json_atomic
 from procgenie.data.loader import ClipSampler
-from procgenie.data.store import Dataset
+from procgenie.data.store import SPLITS, Dataset
 from procgenie.errors import UserError
 from procgenie.models import check_data
 from procgenie.nn.quantize import usage
@@ -32,15 +33,11 @@ HELD_KEY_LEVELS = 16  # test-split levels (seeds 0, 20, 40, ...) on which each k
 HELD_LATENT_CLIPS = 16  # test clips from whose context each latent action is held
 
 
-def test_clips(ds: Dataset, k: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to k clips (one per test episode, at a random offset): frames (K, L, H, W, 3), real actions (K, L-1)."""
-    eps = ds.episodes("test")
-    eps = eps[eps["length"] >= length]
+def test_clips(ds: Dataset, k: int, length: int, seed: int, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Up to k clips (one per `split` episode, at a random offset): frames (K, L, H, W, 3), real actions (K, L-1)."""
+    eps = usable(ds, split, length)
     if len(eps) == 0:
-        raise UserError(
-            f"{ds.root} has no test episode of {length} frames or more: collect more episodes, or "
-            "lower --context/--horizon"
-        )
+        raise UserError(f"{ds.root} has no {split} episode of {length} frames or more: {_instead(ds, split, length)}")
     rng = np.random.default_rng(seed)
     eps = eps[rng.permutation(len(eps))[:k]]
     frames, actions = [], []
@@ -50,6 +47,23 @@ def test_clips(ds: Dataset, k: int, length: int, seed: int) -> tuple[np.ndarray,
         frames.append(e["frames"][s : s + length])
         actions.append(e["actions"][s : s + length - 1])
     return np.stack(frames), np.stack(actions)
+
+
+def usable(ds: Dataset, split: str, length: int) -> np.ndarray:
+    """The episodes of `split` long enough for a clip of `length` frames."""
+    eps = ds.episodes(split)
+    return eps[eps["length"] >= length]
+
+
+def _instead(ds: Dataset, split: str, length: int) -> str:
+    """What to do when `split` has no clip of `length` frames: the split that has one (a few recordings imported
+    before the import held out a part of each may have no test recording), or more data or a shorter clip."""
+    other = [s for s in ("val", "test", "train") if s != split and len(usable(ds, s, length))]
+    if other and other[0] != "train":
+        return f"evaluate on its {other[0]} split with --split {other[0]}, or lower --context/--horizon"
+    if other:
+        return "lower --context/--horizon, import or collect longer episodes, or take training clips with --split train"
+    return "import or collect longer episodes, or lower --context/--horizon"
 
 
 def _per_step(fn, a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -68,6 +82,7 @@ def evaluate(
     seed: int = 0,
     quiet: bool = False,
     precision: str = "auto",
+    split: str = "test",
 ) -> dict:
     if context < 1 or horizon < 4:
         raise UserError(
@@ -76,6 +91,8 @@ def evaluate(
         )
     if episodes < 1:
         raise UserError(f"--episodes must be at least 1, got {episodes}")
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the report")
     wm = WorldModel.from_pretrained(checkpoint, precision=precision)
@@ -90,7 +107,9 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     C, H = context, horizon
-    clips, real = test_clips(ds, episodes, C + H, seed)  # (K, C+H, ...), (K, C+H-1)
+    clips, real = test_clips(ds, episodes, C + H, seed, split)  # (K, C+H, ...), (K, C+H-1)
+    if split != "test" and not quiet:
+        print(f"eval on the {split} split (--split {split}), not on test: the figures are not test figures")
     K = len(clips)
     bar = tqdm(total=6, desc="eval", disable=quiet, dynamic_ncols=True)
 
@@ -111,7 +130,7 @@ def evaluate(
     # LAM: latent actions, their next-frame predictions, and how they line up with the real actions.
     latent = wm.infer_actions(clips)  # (K, C+H-1)
     lam_pred = wm.lam_next_frames(clips[:, :-1], latent)  # (K, C+H-1, ...)
-    nmi_latent, nmi_real = _action_pairs(wm, ds, seed)
+    nmi_latent, nmi_real = _action_pairs(wm, ds, seed, split)
     A = wm.num_latent_actions
     confusion = None  # a dataset without actions has nothing to line the latents up with: NMI is absent, not 0
     if ds.has_actions:
@@ -194,7 +213,7 @@ def evaluate(
         None if gen_play is None else _play_block(wm, gen, gen_play, play_rand, clips, C, H, maskgit_steps, seed, last)
     )
     result = {
-        "data": {"episodes": K, "frames": int(K * (C + H)), "actions": ds.has_actions},
+        "data": {"episodes": K, "frames": int(K * (C + H)), "actions": ds.has_actions, "split": split},
         "tokenizer": tokenizer,
         "lam": lam,
         "dynamics": dynamics,
@@ -257,10 +276,10 @@ def _play_block(wm, gen, gen_play, play_rand, clips, C: int, H: int, maskgit_ste
     }
 
 
-def _action_pairs(wm: WorldModel, ds: Dataset, seed: int, batches: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Latent and real actions of many test transitions (clips of the LAM's training length)."""
+def _action_pairs(wm: WorldModel, ds: Dataset, seed: int, split: str, batches: int = 16) -> tuple[np.ndarray, ...]:
+    """Latent and real actions of many transitions of `split` (clips of the LAM's training length)."""
     T = wm.lam_cfg.model.seq_len
-    sampler = ClipSampler(ds, "test", min(T, int(ds.episodes("test")["length"].max())), 32, seed=seed)
+    sampler = ClipSampler(ds, split, min(T, int(ds.episodes(split)["length"].max())), 32, seed=seed)
     lat, real = [], []
     for step in range(batches):
         b = sampler.batch(step)
