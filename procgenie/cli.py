@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "info":
             a.add_argument("--json", action="store_true", help="print JSON")
         a.set_defaults(fn=commands.data)
-    from procgenie.data.importer import FITS
+    from procgenie.data.importer import FITS, GAP, MANY_SOURCES
 
     im = dsub.add_parser(
         "import",
@@ -108,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Decodes videos (MP4, WebM, MKV, MOV), GIFs and folders of frames (PNG, JPEG), resamples them to --fps, "
             "makes each frame square (--fit) and --size px, and writes the dataset format that `collect` writes, "
-            "with the actions marked absent. Each source file stays in one split (train, val or test, by its index "
-            "in sorted order). Unreadable files are named and skipped. Rerun the same command to continue."
+            f"with the actions marked absent. From {MANY_SOURCES} sources on, each stays whole in one split (by "
+            "its index in sorted order: 1 in 20 test, 1 in 20 val); fewer are each cut in time, the last tenth held "
+            f"out (test or val) after {GAP} dropped frames. Unreadable files are named and skipped. Rerun the same "
+            "command to continue."
         ),
     )
     im.add_argument("sources", nargs="+", metavar="SRC", help="video files, GIFs, frame folders, or folders of them")

@@ -17,7 +17,7 @@ import pytest
 from conftest import run_cli, serve_play_page, sh
 from PIL import Image
 
-from procgenie.data.importer import square
+from procgenie.data.importer import level_seed, parts, square
 from procgenie.data.store import Dataset, split_of
 from procgenie.video import encode_video, upscale
 
@@ -45,7 +45,7 @@ def recordings(coinrun_data, tmp_path_factory):
     return root, eps
 
 
-def test_import_keeps_every_frame_splits_by_file_and_names_the_damaged_one(recordings, tmp_path):
+def test_import_keeps_every_frame_splits_in_time_and_names_the_damaged_one(recordings, tmp_path):
     root, originals = recordings
     out = tmp_path / "imported"
     proc = run_cli(*sh(f"data import {root} --out {out}"))
@@ -53,24 +53,25 @@ def test_import_keeps_every_frame_splits_by_file_and_names_the_damaged_one(recor
     ds = Dataset(out)
     assert not ds.has_actions and ds.image_size == 64
     eps = ds.episodes()
-    assert sorted(eps["level_seed"]) == list(range(6))  # one episode per good source; the damaged one left out
-    for ep in eps:
-        i = int(ep["level_seed"])
-        frames, want = ds.episode(ep)["frames"], originals[i]
-        assert ds.shards[ep["shard"]].record["split"] == split_of(i)
-        assert frames.shape == want.shape
-        err = np.abs(frames.astype(int) - want).mean()
-        if i % 3 == 1:
-            assert err == 0  # PNG frames: exact
-        else:
-            assert err < 6  # GIF palette / H.264 at twice the size, scaled back down
+    assert sorted({int(s) // 20 for s in eps["level_seed"]}) == list(range(6))  # the damaged source left out
+    for i, want in enumerate(originals):  # 7 sources: each cut in time, its end held out
+        for split, start, stop in parts(i, 7, len(want), "time"):
+            (ep,) = eps[eps["level_seed"] == level_seed(i, split, "time")]
+            frames = ds.episode(ep)["frames"]
+            assert ds.shards[ep["shard"]].record["split"] == split == split_of(ep["level_seed"])
+            assert frames.shape == want[start:stop].shape
+            err = np.abs(frames.astype(int) - want[start:stop]).mean()
+            if i % 3 == 1:
+                assert err == 0  # PNG frames: exact
+            else:
+                assert err < 6  # GIF palette / H.264 at twice the size, scaled back down
     assert {"train", "val", "test"} <= {s.record["split"] for s in ds.shards}
     run_cli("data", "validate", str(out))
     info = json.loads(run_cli("data", "info", str(out), "--json").stdout)
     assert info["action_histogram"] is None and len(info["import"]["sources"]) == 7
 
     again = run_cli(*sh(f"data import {root} --out {out}"))  # a rerun: nothing twice, the damaged retried
-    assert "imported 0 of 7" in again.stdout and len(Dataset(out).episodes()) == 6
+    assert "imported 0 of 7" in again.stdout and len(Dataset(out).episodes()) == len(eps)
     other = run_cli(*sh(f"data import {root} --out {out} --size 32"), check=False)
     assert other.returncode == 2 and "other settings: size 64 (now 32)" in other.stderr
 
@@ -114,12 +115,18 @@ def readme_video_commands() -> list[list[str]]:
 
 @pytest.mark.slow
 def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recordings, tmp_path):
-    """The README's command line for your own videos (tiny preset), then eval, dream and play on its world."""
+    """The README's command line for your own videos (tiny preset): import, train, eval on the held-out ends of
+    the recordings, play; then eval on the val split, dream and play on its world."""
     root, originals = recordings
     steps = readme_video_commands()
-    assert [s[:2] for s in steps] == [["data", "import"], ["train", "all"], ["play", "--checkpoint"]]
+    assert [s[:2] for s in steps] == [
+        ["data", "import"],
+        ["train", "all"],
+        ["eval", "--checkpoint"],
+        ["play", "--checkpoint"],
+    ]
     shutil.copytree(root, tmp_path / steps[0][2])  # the user's folder of recordings
-    for step in steps[:2]:  # as written, in the user's folder
+    for step in steps[:3]:  # as written, in the user's folder
         tiny = ["--preset", "tiny", "--set", "workers=0"] if step[0] == "train" else []
         subprocess.run(
             [sys.executable, "-m", "procgenie", *step, *tiny],
@@ -129,7 +136,8 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
             timeout=900,
         )
     data, run = tmp_path / steps[0][steps[0].index("--out") + 1], tmp_path / steps[1][steps[1].index("--run") + 1]
-    serve_play_page(steps[2], tmp_path)
+    report = tmp_path / steps[2][steps[2].index("--out") + 1]
+    serve_play_page(steps[3], tmp_path)
 
     real = run_cli(
         *sh(f"train dynamics --data {data} --run {run} --preset tiny --set actions=real"),
@@ -137,11 +145,16 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     )
     assert real.returncode == 2 and "no actions" in real.stderr
 
-    run_cli(*sh(f"eval --checkpoint {run} --data {data} --out {tmp_path / 'eval'} --horizon 4"))
-    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    m = json.loads((report / "metrics.json").read_text())
     assert m["lam"]["nmi_real_actions"] is None and m["play"] is None and m["data"]["actions"] is False
-    assert np.isfinite(m["dynamics"]["delta_psnr_t4"]) and len(m["dynamics"]["psnr_by_step"]) == 4
-    assert not (tmp_path / "eval" / "lam_confusion.png").exists()
+    assert np.isfinite(m["dynamics"]["delta_psnr_t4"]) and len(m["dynamics"]["psnr_by_step"]) == 10
+    assert not (report / "lam_confusion.png").exists()
+    ends = [parts(i, 7, len(v), "time")[-1] for i, v in enumerate(originals)]  # (split, start, stop) of each end
+    tests = [i for i, end in enumerate(ends) if end[0] == "test"]  # the even sources long enough to cut
+    assert m["data"]["split"] == "test" and m["data"]["episodes"] == len(tests) >= 1
+    val = run_cli(*sh(f"eval --checkpoint {run} --data {data} --out {tmp_path / 'val'} --horizon 4 --split val"))
+    assert "eval on the val split" in val.stdout
+    assert json.loads((tmp_path / "val" / "metrics.json").read_text())["data"]["split"] == "val"
 
     gif = tmp_path / "dream.gif"
     run_cli(*sh(f"dream --checkpoint {run} --out {gif} --actions 0*3,1*3 --steps 6"))
@@ -156,10 +169,11 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     assert not wm.procgen and not wm.has_key_map
     hub = play.Hub(wm, level=0)
     hello = hub.hello()
-    assert hello["world"] == "recordings" and hello["real_to_latent"] is None and hello["recordings"] == 1
+    assert hello["world"] == "recordings" and hello["real_to_latent"] is None and hello["recordings"] == len(tests)
     player = play.Player(hub, ws=None)
     player.env, ctx, player.session = player._start(0, 0)
-    test_video = originals[0]  # the one test-split source (index 0)
+    _, start, stop = ends[tests[0]]
+    test_video = originals[tests[0]][start:stop]  # test recording 0: the held-out end of the first source cut
     assert np.abs(ctx.astype(int) - test_video[: len(ctx)]).mean() < 6
     player.keys["right"] = True  # arrows mean nothing here
     assert player.choose() == (wm.idle_latent, 4, "idle")

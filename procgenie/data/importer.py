@@ -2,14 +2,18 @@
 
 Each source file (or frame folder) is decoded, resampled to a frame rate, made square and resized,
 cut into episodes of at most `episode_frames` frames, and written as shards of the same checksummed
-format that `collect` writes, with the actions marked absent. The split is by source: source i of the
-sorted list goes where `store.split_of(i)` says (its index stands in the level seed's place), so no
-recording is ever in two splits. A rerun of the same command continues: every shard record names the
-sources it holds. A file that cannot be decoded is named, skipped and counted, and stops nothing.
+format that `collect` writes, with the actions marked absent. The split (`parts`) keeps every split
+supplied without a frame in two: from 20 sources on, whole sources are split as levels are (source i of
+the sorted list goes where `store.split_of(i)` says, its index in the level seed's place); below that,
+one source each to test and val would leave eval one clip or none, so each source holds out its last
+tenth instead, after a gap of dropped frames. A rerun of the same command continues: every shard record
+names the sources it holds, and all parts of a source reach the manifest in one write. A file that
+cannot be decoded is named, skipped and counted, and stops nothing.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -24,7 +28,19 @@ from procgenie.errors import UserError
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FITS = ("crop", "pad", "squash")
-SPLIT_RULE = "source index % 20 == 0 -> test, == 1 -> val, else train (sources in sorted order)"
+MANY_SOURCES = 20  # from this many sources on, whole sources are split (as levels: 1 in 20 to test, 1 to val)
+HELD_SHARE = 0.1  # below it, the share of each source held out at its end...
+HELD_MIN = 16  # ...at least this many frames: eval's default clip (4 + 10) and the cpu preset's training clip
+GAP = 8  # frames dropped before a held-out part, so that no frame of one split is next to another split's
+SPLIT_RULES = {
+    "source": "source index % 20 == 0 -> test, == 1 -> val, else train (sources in sorted order)",
+    "time": (
+        f"fewer than {MANY_SOURCES} sources: each holds out its last {HELD_SHARE:.0%} (at least {HELD_MIN} "
+        f"frames), test for an even source index, val for an odd one (a single source: val, then test), {GAP} "
+        "frames dropped before each held-out part; a source too short for it stays whole in train; "
+        "level seed 20 * source index + (0 test, 1 val, 2 train)"
+    ),
+}
 
 
 def find_sources(paths: list[str]) -> list[Path]:
@@ -123,6 +139,43 @@ def decode(src: Path, fps: float | None, size: int, fit: str, crop) -> np.ndarra
     return np.stack(frames)
 
 
+def parts(i: int, n: int, length: int, rule: str) -> list[tuple[str, int, int]]:
+    """Where source i of n, `length` frames long, goes: (split, first frame, end) per part, in time order.
+
+    'source': all of it to `store.split_of(i)`. 'time': its train part, then after `GAP` dropped frames its
+    held-out tail (two tails, val then test, for the only source), unless the train part would come out
+    shorter than a tail: then it all trains."""
+    if rule == "source":
+        return [(store.split_of(i), 0, length)]
+    held = ["val", "test"] if n == 1 else ["test" if i % 2 == 0 else "val"]
+    tail = max(math.ceil(length * HELD_SHARE), HELD_MIN)
+    train = length - len(held) * (GAP + tail)
+    if train < tail:
+        return [("train", 0, length)]
+    out = [("train", 0, train)]
+    for split in held:
+        start = out[-1][2] + GAP
+        out.append((split, start, start + tail))
+    return out
+
+
+def episodes(part: np.ndarray, seed: int, episode_frames: int) -> list[dict]:
+    """One part of a source (T, S, S, 3) -> episodes of at most `episode_frames` frames, with zeros for the
+    actions and rewards it does not have (the manifest marks them absent); a last piece of 1 frame is dropped."""
+    pieces = [part[c : c + episode_frames] for c in range(0, len(part), episode_frames)]
+    return [
+        {"frames": p, "actions": np.zeros(len(p)), "rewards": np.zeros(len(p)), "level_seed": seed, "truncated": False}
+        for p in pieces
+        if len(p) >= 2
+    ]
+
+
+def level_seed(i: int, split: str, rule: str) -> int:
+    """The level seed of source i's episodes in `split`: the source index (as before there were two rules), or
+    for a source cut in time one number per part whose `store.split_of` is its split (`data validate` checks)."""
+    return i if rule == "source" else 20 * i + {"test": 0, "val": 1, "train": 2}[split]
+
+
 def import_videos(
     sources: list[str],
     out: str,
@@ -161,24 +214,28 @@ def import_videos(
         name=name,
     )
     with exclusive(root, f"importing into {root}"):
-        header = {"env": name, "image_size": size, "actions": False, "split_rule": SPLIT_RULE}
+        header = {"env": name, "image_size": size, "actions": False}
         manifest = open_for_writing(root, "import", identity, header)
+        # The rule is fixed by the first run; an import begun before there were two rules continues by source.
+        new_rule = "source" if manifest["shards"] or len(srcs) >= MANY_SOURCES else "time"
+        rule = manifest["import"].setdefault("split", new_rule)
+        manifest["split_rule"] = SPLIT_RULES[rule]
         done = {i for s in manifest["shards"] for i in s.get("sources", [])}
         session = manifest["sessions"]
         manifest["sessions"] = session + 1
         store.write_manifest(root, manifest)
-        pending = {s: [] for s in store.SPLITS}  # split -> [(source index, episodes)]
-        skipped, frames, shards, t0 = [], 0, 0, time.perf_counter()
+        pending = {s: [] for s in store.SPLITS}  # split -> [(source index, its episodes in that split)]
+        skipped, frames, dropped, shards, t0 = [], 0, 0, 0, time.perf_counter()
 
-        def flush(split: str) -> None:
+        def flush(splits) -> None:
             nonlocal shards
-            if pending[split]:
+            for split in [s for s in splits if pending[s]]:
                 name_ = f"{split}-s{session:03d}-w00-{shards:05d}"
                 record = write_shard(root, name_, split, [e for _, eps in pending[split] for e in eps])
                 record["sources"] = [i for i, _ in pending[split]]
                 manifest["shards"].append(record)
-                store.write_manifest(root, manifest)
                 pending[split], shards = [], shards + 1
+            store.write_manifest(root, manifest)  # once: all parts of a source count, or none (a rerun redoes it)
 
         bar = tqdm(
             total=len(srcs), initial=len(done), unit="file", desc=f"import {name}", disable=quiet, dynamic_ncols=True
@@ -194,27 +251,19 @@ def import_videos(
                     tqdm.write(f"skipped {skipped[-1]}")
                 bar.update()
                 continue
-            split = store.split_of(i)
-            pieces = [video[c : c + episode_frames] for c in range(0, len(video), episode_frames)]
-            eps = [
-                {
-                    "frames": p,
-                    "actions": np.zeros(len(p)),
-                    "rewards": np.zeros(len(p)),
-                    "level_seed": i,
-                    "truncated": False,
-                }
-                for p in pieces
-                if len(p) >= 2
-            ]  # no actions: zeros, marked absent
-            pending[split].append((i, eps))
+            plan = parts(i, len(srcs), len(video), rule)  # [(split, start, stop)]
+            for split, start, stop in plan:
+                pending[split].append((i, episodes(video[start:stop], level_seed(i, split, rule), episode_frames)))
             frames += len(video)
+            dropped += len(video) - sum(stop - start for _, start, stop in plan)  # the gaps
             bar.update()
             bar.set_postfix(frames=f"{frames:,}", refresh=False)
-            if sum(len(e["frames"]) for _, es in pending[split] for e in es) >= shard_frames:
-                flush(split)
-        for split in store.SPLITS:
-            flush(split)
+            full = [
+                s for s in store.SPLITS if sum(len(e["frames"]) for _, es in pending[s] for e in es) >= shard_frames
+            ]
+            if full:  # a source cut in time has parts in several splits: they are written together
+                flush(full if rule == "source" else store.SPLITS)
+        flush(store.SPLITS)
         bar.close()
     seconds = time.perf_counter() - t0
     have = {s["split"]: 0 for s in manifest["shards"]}
@@ -222,20 +271,24 @@ def import_videos(
         have[s["split"]] += s["episodes"]
     if not quiet:
         print(
-            f"imported {len(srcs) - len(done) - len(skipped)} of {len(srcs)} sources ({frames:,} frames) in "
-            f"{seconds:.1f} s -> {root}; episodes by split: "
+            f"imported {len(srcs) - len(done) - len(skipped)} of {len(srcs)} sources ({frames:,} frames"
+            + (f", {dropped:,} dropped between splits" if dropped else "")
+            + f") in {seconds:.1f} s -> {root}; episodes by split: "
             + ", ".join(f"{k} {have.get(k, 0)}" for k in store.SPLITS)
+            + (" (whole sources)" if rule == "source" else f" (each source's last {HELD_SHARE:.0%} held out)")
             + (f"; skipped {len(skipped)} unreadable file(s), named above" if skipped else "")
         )
         if not have.get("train"):
-            print(
-                "note: no source landed in the train split (source i goes to test if i % 20 == 0, val if 1): "
-                "import 3 or more recordings to train on"
-            )
+            print("note: no episode landed in the train split: import more recordings to train on")
+        elif not have.get("test"):
+            why = f" (a source under {2 * HELD_MIN + GAP} frames stays whole in train)" if rule == "time" else ""
+            print(f"note: no test episode{why}: `procgenie eval` takes `--split val` on this dataset")
     return {
         "sources": len(srcs),
         "imported": len(srcs) - len(done) - len(skipped),
         "skipped": skipped,
         "frames": frames,
         "seconds": seconds,
+        "split": rule,
+        "episodes": {k: have.get(k, 0) for k in store.SPLITS},
     }
