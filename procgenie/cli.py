@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_arg(pl)
     pl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     pl.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    pl.add_argument(
+        "--allow-host",
+        dest="allow_hosts",
+        metavar="NAME",
+        action="append",
+        help="a Host name to answer besides localhost, 127.0.0.1, [::1] and the --host address, e.g. the name other "
+        "machines reach a --host 0.0.0.0 server by (repeatable); any other Host gets a 403 (DNS rebinding)",
+    )
     _maskgit_arg(pl, "1 where the model decodes by expected level, else the smaller of 2 and the model's own")
     pl.add_argument(
         "--start-level", dest="level", metavar="N", type=int, help="first level seed (default: a test level)"

@@ -4,20 +4,19 @@ headless browser that plays, pauses, steps, records and changes level on the pag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
-import struct
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 from conftest import run_cli, sh
+from playkit import next_message as _next
+from playkit import serving, sessions, wait_for
 
 from procgenie.play import server as play
 from procgenie.vocab import real_for_latent
@@ -37,32 +36,8 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="module")
 def server(tiny_run):
     """The play server with the tiny run, on a free port, its event loop in a thread of this process."""
-    from procgenie.world import WorldModel
-
-    hub = play.Hub(WorldModel.from_pretrained(tiny_run, device="cpu"), level=0, max_sessions=4)
-    sock = play.listen("127.0.0.1", 0)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(play.make_app(hub))
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.SockSite(runner, sock).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", hub=hub)
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-
-
-def sessions(server) -> int:
-    with urllib.request.urlopen(server.url + "/stats", timeout=10) as r:
-        return json.load(r)["sessions"]
-
-
-def wait_for(cond, timeout=20.0, what="condition"):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    with serving(tiny_run, level=0, max_sessions=4) as s:
+        yield s
 
 
 @pytest.mark.parametrize(
@@ -93,22 +68,6 @@ def test_latent_actions_map_to_their_most_common_real_action():
     assert real_for_latent(counts).tolist() == [7, 4, 4, 2]
 
 
-async def _next(ws, want: str | None = None, timeout: float = 20.0):
-    """The next message: a dict for JSON text, (meta, payload) for binary; skip to type `want` if given."""
-    while True:
-        msg = await ws.receive(timeout=timeout)
-        if msg.type == aiohttp.WSMsgType.TEXT:
-            obj = json.loads(msg.data)
-            if want in (None, obj["type"]):
-                return obj
-        elif msg.type == aiohttp.WSMsgType.BINARY:
-            kind, n = struct.unpack(">BI", msg.data[:5])
-            if want in (None, "frame" if kind == play.KIND_FRAME else "gif"):
-                return json.loads(msg.data[5 : 5 + n]), msg.data[5 + n :]
-        else:
-            return msg  # closed
-
-
 def test_malformed_messages_get_an_error_and_change_nothing(server):
     async def go():
         async with aiohttp.ClientSession() as http, http.ws_connect(server.url + "/ws") as ws:
@@ -135,8 +94,7 @@ def test_malformed_messages_get_an_error_and_change_nothing(server):
                 json.dumps({"type": "reset", "level": "seven"}),
                 json.dumps({"type": "reset", "level": -1}),
                 json.dumps({"type": "pause", "paused": "no"}),
-                "x" * 5000,
-                json.dumps({"type": "input", "right": True, "pad": "y" * 100_000}),
+                json.dumps({"type": "input", "right": True, "pad": "y" * 900}),
             ]
             for text in bad:
                 await ws.send_str(text)
@@ -163,16 +121,21 @@ def test_malformed_messages_get_an_error_and_change_nothing(server):
     wait_for(lambda: sessions(server) == 0, what="the closed connection's session to be freed")
 
 
-def test_an_oversized_frame_closes_only_that_connection(server):
+@pytest.mark.parametrize("size", [play.MAX_MESSAGE + 1, 2_000_000, 10_000_000])
+def test_an_oversized_message_gets_why_then_closes_only_that_connection(server, size):
     async def go():
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(server.url + "/ws") as ws:
+            async with http.ws_connect(server.url + "/ws") as other, http.ws_connect(server.url + "/ws") as ws:
                 await _next(ws, "frame")
-                await ws.send_str("z" * (play.MAX_WS_FRAME + 1))
-                closed = await _next(ws, "never")
-                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-            async with http.ws_connect(server.url + "/ws") as ws:
-                assert (await _next(ws, "frame"))[0]["step"] == 0
+                with contextlib.suppress(ConnectionError):  # the server may close while the rest is in flight
+                    await ws.send_str("z" * size)
+                error = await _next(ws, "error")
+                assert error["closing"] and f"at most {play.MAX_MESSAGE} bytes" in error["message"]
+                assert (await _next(ws, "never")).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                # 1009; or, while a 10 MB message is still arriving, the reset of a socket closed with unread data
+                assert ws.close_code in (aiohttp.WSCloseCode.MESSAGE_TOO_BIG,) + ((1006,) if size > 5e6 else ())
+                step = (await _next(other, "frame"))[0]["step"]  # the other player plays on
+                assert (await _next(other, "frame"))[0]["step"] > step
 
     asyncio.run(go())
     wait_for(lambda: sessions(server) == 0, what="both sessions to be freed")
@@ -187,7 +150,8 @@ def test_connections_are_bounded_and_freed(server):
                 await _next(ws, "frame")
             assert sessions(server) == 4
             fifth = await http.ws_connect(server.url + "/ws")
-            assert "full" in (await _next(fifth))["message"]
+            refused = await _next(fifth)
+            assert "full" in refused["message"] and refused["closing"]
             await four[0].send_str(json.dumps({"type": "input", "right": True}))
             assert (await _next(four[0], "frame"))[0]  # the others play on
             await four[0].close()
@@ -273,11 +237,10 @@ def test_the_server_shows_exactly_what_wm_play_returns(both_run):
 
     wm = WorldModel.from_pretrained(both_run, device="cpu")
     hub = play.Hub(wm, level=0)
-    player = play.Player(hub, ws=None)
-    player.env, ctx, player.session = player._start(0, 0)
+    env, ctx, session = hub.open(0, 0)
     keys = [7, 7, 5, 1, 4, 8]
-    dreams = np.stack([player._step(hub.real_to_latent[k], k)[0] for k in keys])
-    player.env.close()
+    dreams = np.stack([hub.step([(session, env, None, k)])[0][0] for k in keys])
+    env.close()
     noops = np.full((1, len(ctx) - 1), 4)
     assert np.array_equal(dreams[None], wm.play(ctx[None], np.array([keys]), seed=0, context_keys=noops))
     assert hub.hello()["action_kind"] == "real"

@@ -25,7 +25,8 @@ class BadMessage(Exception):
 
 
 def parse(text: str, num_latent: int) -> tuple[str, dict]:
-    """A client message -> (type, fields), or BadMessage naming what is wrong."""
+    """A client message -> (type, fields), or BadMessage naming what is wrong. num_latent: the latent actions a
+    client may pick (0 where the model takes Procgen's keys)."""
     # surrogatepass: text with a lone surrogate (no UTF-8 encoder takes one) is measured here, not a crash
     if len(text) > MAX_MESSAGE or len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE:
         raise BadMessage(f"message too long: at most {MAX_MESSAGE} bytes")
@@ -43,6 +44,8 @@ def parse(text: str, num_latent: int) -> tuple[str, dict]:
             raise BadMessage(f"{kind}: unknown field {field[:40]!r}")
         if type(value) not in MESSAGES[kind][field]:
             raise BadMessage(f"{kind}: field {field!r} has the wrong type")
+    if msg.get("latent") is not None and num_latent == 0:
+        raise BadMessage("input: this world's model takes the keys themselves, not latent actions (no number keys)")
     if msg.get("latent") is not None and not 0 <= msg["latent"] < num_latent:
         raise BadMessage(f"input: latent must lie in 0..{num_latent - 1}")
     if msg.get("level") is not None and not 0 <= msg["level"] < 2**31 - 1:

@@ -4,69 +4,73 @@ own rollout (`session.Session`) and its own real Procgen level, fed the same act
 Protocol, over the websocket at /ws (the page is /, the live session count is /stats):
   client -> server, JSON text of at most MAX_MESSAGE bytes, fields optional, unknown fields refused:
     {"type": "input", "left": bool, "right": bool, "up": bool, "down": bool, "latent": int | null}
-        the keys held now; a latent id (number keys) overrides the arrows while it is held
+        the keys held now; a latent id (number keys, latent models only) overrides the arrows while held
     {"type": "pause", "paused": bool}   (no "paused": toggle)
     {"type": "step"}                     one frame, while paused
     {"type": "reset", "level": int | null}   a new real level (null: a fresh test-split level)
     {"type": "record"}                   start recording; again: stop and receive the GIF
   server -> client:
-    JSON text: {"type": "hello", ...} once, {"type": "state", ...} on pause/record changes,
-               {"type": "error", "message": str} for a refused message (nothing else changes)
+    JSON text: {"type": "hello", ...} once (with "number_keys": what keys 1..9 do, none on a real-action model),
+               {"type": "state", ...} on pause/record changes,
+               {"type": "error", "message": str} for a refused message (nothing else changes), or with
+               "closing": true just before the server closes the connection (full, too many or too long
+               messages, a model failure)
     binary: kind (uint8), meta length L (uint32, big-endian), L bytes of JSON meta, then the payload:
-            kind 1 = a frame: dream RGB (S, S, 3) then real RGB (S, S, 3); kind 2 = a GIF file.
-While not paused, each connection steps at a fixed target rate (`fps`); inputs are state, not a queue,
-so a slow model lowers the frame rate and never builds a backlog. Model work runs on one thread.
+            kind 1 = a frame: dream RGB (S, S, 3) then real RGB (S, S, 3); its meta holds model_ms (the model
+            call that made it, shared by `batch` players), queue_ms (how long it waited for that call after
+            it was due) and fps (frames sent to this player over the last second); kind 2 = a GIF file.
+The hub (hub.py) steps every player due at the target rate (`fps`) in one batch; inputs are state, not a
+queue, so a slow model lowers the frame rate and never builds a backlog. Who may connect: gate.py.
 
 Letters: S frame size (64), A latent actions.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import errno
 import logging
 import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from procgenie.errors import UserError
-from procgenie.play.game import FPS, KIND_FRAME, KIND_GIF, MAX_SESSIONS, MAX_WS_FRAME, Hub, Player  # noqa: F401
-from procgenie.play.protocol import MAX_MESSAGE, BadMessage  # noqa: F401
+from procgenie.play.game import KIND_FRAME, KIND_GIF, Player  # noqa: F401
+from procgenie.play.gate import BURST, HOSTS, MAX_RATE, Bucket, Socket, allowed_hosts, check_host, peer
+from procgenie.play.hub import FPS, MAX_SESSIONS, Hub
+from procgenie.play.protocol import MAX_MESSAGE, BadMessage
 from procgenie.vocab import key_action as real_action  # noqa: F401  (the tests' and the page's name for it)
 
 log = logging.getLogger("procgenie.play")
 STATIC = Path(__file__).parent / "static"
-HUB = web.AppKey("hub", object)
+HUB = web.AppKey("hub", Hub)
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
-def _same_origin(request: web.Request) -> bool:
-    """Refuse websockets opened by other sites' pages (a browser sends their Origin)."""
-    origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.host
-
-
 async def websocket(request: web.Request) -> web.StreamResponse:
     hub: Hub = request.app[HUB]
-    if not _same_origin(request):
-        return web.Response(status=403, text="websocket from another origin refused")
-    ws = web.WebSocketResponse(max_msg_size=MAX_WS_FRAME, compress=False, heartbeat=20)
+    ws = Socket(max_msg_size=MAX_MESSAGE + 1, compress=False, heartbeat=20)  # longer: a JSON error, then 1009
     await ws.prepare(request)
-    if len(hub.players) >= hub.max_sessions:
-        await ws.send_json({"type": "error", "message": f"the server is full ({hub.max_sessions} players): try later"})
-        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER)
-        return ws
     player = Player(hub, ws)
-    hub.players.add(player)
-    ticker = None
+    if len(hub.players) >= hub.max_sessions:
+        log.warning(f"refused {peer(request)}: the server is full ({hub.max_sessions} players)")
+        await player.close_with(
+            f"the server is full ({hub.max_sessions} players): try later", WSCloseCode.TRY_AGAIN_LATER
+        )
+        return ws
+    hub.join(player)
+    bucket = Bucket()
     try:
         await player.send_json(hub.hello())
-        await player.reset(hub.level)
-        ticker = asyncio.create_task(_guard(player.run(), player))
         async for msg in ws:
+            if msg.type == WSMsgType.ERROR:  # over MAX_MESSAGE: Socket said why and closed (1009)
+                log.warning(f"closed {peer(request)}: a message over {MAX_MESSAGE} bytes (1009)")
+                break
+            if not bucket.take():
+                log.warning(f"closed {peer(request)}: over {MAX_RATE} messages a second (1008)")
+                why = f"too many messages: at most {MAX_RATE} a second (bursts of {BURST}); closing the connection"
+                await player.close_with(why, WSCloseCode.POLICY_VIOLATION)
+                break
             try:
                 if msg.type != WSMsgType.TEXT:
                     raise BadMessage("send JSON text messages only")
@@ -76,26 +80,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         pass  # the browser went away
     finally:
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-        player.close()
-        hub.players.discard(player)
+        hub.leave(player)
     return ws
-
-
-async def _guard(coro, player: Player) -> None:
-    """The step loop; a failure is logged and ends that connection, never the server."""
-    try:
-        await coro
-    except ConnectionError:
-        pass  # the browser went away: the handler frees the session
-    except Exception:
-        log.exception("play session failed")
-        with contextlib.suppress(Exception):
-            await player.send_json({"type": "error", "message": "the world model failed: see the server's log"})
-            await player.ws.close(code=WSCloseCode.INTERNAL_ERROR)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -107,9 +93,10 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({"sessions": len(hub.players), "max_sessions": hub.max_sessions, "fps": hub.fps})
 
 
-def make_app(hub: Hub) -> web.Application:
-    app = web.Application(client_max_size=MAX_MESSAGE)  # nothing is ever posted
-    app[HUB] = hub
+def make_app(hub: Hub, hosts: frozenset[str]) -> web.Application:
+    """The play server's routes; every one answers only the Host names in `hosts` (gate.allowed_hosts)."""
+    app = web.Application(client_max_size=MAX_MESSAGE, middlewares=[check_host])  # nothing is ever posted
+    app[HUB], app[HOSTS] = hub, hosts
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/stats", stats)
@@ -120,7 +107,7 @@ def make_app(hub: Hub) -> web.Application:
             await p.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
     async def on_cleanup(app: web.Application) -> None:
-        hub.executor.shutdown(wait=True)
+        await hub.stop()
 
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
@@ -168,8 +155,10 @@ def serve(
     max_sessions: int = MAX_SESSIONS,
     precision: str = "auto",
     data: str | None = None,
+    allow_hosts: list[str] | None = None,
 ) -> None:
-    """Serve the play page until Ctrl-C. data: for a world learned from recordings, the dataset to start from."""
+    """Serve the play page until Ctrl-C. data: for a world learned from recordings, the dataset to start from.
+    allow_hosts: Host names to answer beside the loopback ones and the bound address (gate.allowed_hosts)."""
     from procgenie.world import WorldModel
 
     if level is not None and not 0 <= level < 2**31 - 1:
@@ -193,6 +182,11 @@ def serve(
         f"{max_sessions} players at most)"
     )
     print(f"controls: {hub.controls()}; Ctrl-C stops the server")
+    hosts = allowed_hosts(host, bound, allow_hosts or ())
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {host}: other machines that reach it can play too")
-    web.run_app(make_app(hub), sock=sock, print=None, access_log=None)
+        names = sorted(h for h in hosts if h.endswith(f":{bound}"))
+        print(
+            f"note: listening on {host}: other machines that reach it can play too, under these Host names only: "
+            f"{', '.join(names)} (more with --allow-host NAME)"
+        )
+    web.run_app(make_app(hub, hosts), sock=sock, print=None, access_log=None)

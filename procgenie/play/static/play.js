@@ -7,8 +7,9 @@ const DIRS = { ArrowLeft: "left", KeyA: "left", ArrowRight: "right", KeyD: "righ
                ArrowUp: "up", KeyW: "up", Space: "up", ArrowDown: "down", KeyS: "down" };
 const ONCE = { KeyR: { type: "reset" }, KeyP: { type: "pause" }, KeyE: { type: "step" }, KeyG: { type: "record" } };
 const KIND_FRAME = 1, KIND_GIF = 2;
-let ws = null, hello = null, size = 64, latent = null, gifUrl = null;
+let ws = null, hello = null, size = 64, latent = null, gifUrl = null, closing = null;
 const held = new Set();
+const arrivals = [];  // when frames arrived over the last second: the fps the header shows
 
 function setStatus(text) { $("status").textContent = text; }
 function send(obj) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj)); }
@@ -17,30 +18,33 @@ function connect() {
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   ws.binaryType = "arraybuffer";
   ws.onopen = () => setStatus("");
-  ws.onclose = () => setStatus("disconnected: reload the page to play again");
+  // A server that refuses or ends a connection says why first ("closing"): show that, not a bare disconnect.
+  ws.onclose = () => setStatus(closing ? `${closing} (reload the page to try again)`
+    : "disconnected: reload the page to play again");
   ws.onmessage = (ev) => (typeof ev.data === "string" ? onText(JSON.parse(ev.data)) : onBinary(ev.data));
 }
 
 function onText(msg) {
   if (msg.type === "hello") onHello(msg);
   else if (msg.type === "state") showState(msg);
-  else if (msg.type === "error") setStatus(msg.message);
+  else if (msg.type === "error") { setStatus(msg.message); if (msg.closing) closing = msg.message; }
 }
 
 function onHello(msg) {
   hello = msg;
   size = msg.size;
   for (const id of ["dream", "real"]) { $(id).width = size; $(id).height = size; }
-  const keys = Math.min(9, msg.num_latent_actions);
-  $("kmax").textContent = keys;
+  // What number keys do, as the server says: latent actions on a latent model, none on a real-action one.
+  const labels = msg.number_keys;
+  $("kmax").textContent = labels.length;
+  $("numrow").style.display = labels.length ? "" : "none";
   $("latents").innerHTML = "";
   const recordings = msg.world === "recordings";  // learned from videos without actions: number keys only
-  for (let k = 0; k < keys; k++) {
+  labels.forEach((label, k) => {
     const li = document.createElement("li");
-    li.textContent = recordings ? `key ${k + 1}: latent ${k}`
-      : `key ${k + 1}: latent ${k} (real side: ${msg.real_actions[msg.latent_to_real[k]]})`;
+    li.textContent = `key ${k + 1}: ${label}`;
     $("latents").appendChild(li);
-  }
+  });
   if (recordings) {
     $("realcap").textContent = `the ${msg.name} recording it started from, replayed (keys do not change it)`;
     $("controls-note").textContent = msg.controls;
@@ -63,11 +67,22 @@ function onBinary(buf) {
     $("action").textContent = meta.latent === null ? meta.action
       : hello && hello.world === "recordings" ? `latent ${meta.latent}${meta.source === "idle" ? " (no key held)" : ""}`
       : meta.source === "latent" ? `latent ${meta.latent} (real: ${meta.action})` : `${meta.action} (latent ${meta.latent})`;
-    $("ms").textContent = meta.ms.toFixed(0);
+    $("ms").textContent = meta.model_ms.toFixed(0);
+    $("batch").textContent = meta.batch > 1 ? ` (${meta.batch} players)` : "";
+    $("queue").textContent = meta.queue_ms.toFixed(0);
+    arrivals.push(performance.now());
+    showFps();
   } else if (kind === KIND_GIF) {
     offerGif(body, meta);
   }
 }
+
+function showFps() {  // frames that arrived over the last second (paused: it falls to 0)
+  const now = performance.now();
+  while (arrivals.length && now - arrivals[0] > 1000) arrivals.shift();
+  $("fps").textContent = arrivals.length;
+}
+setInterval(showFps, 250);
 
 function draw(id, rgb) {  // rgb: (size, size, 3) bytes -> the 64x64 canvas; CSS scales it up, pixelated
   const ctx = $(id).getContext("2d");
@@ -80,7 +95,6 @@ function draw(id, rgb) {  // rgb: (size, size, 3) bytes -> the 64x64 canvas; CSS
 
 function showState(s) {
   $("step").textContent = s.step;
-  $("fps").textContent = s.fps.toFixed(1);
   $("level").textContent = s.level;
   let flags = "";
   if (s.paused) flags += '<span class="flag paused">paused (E steps)</span>';
@@ -112,7 +126,7 @@ document.addEventListener("keydown", (e) => {
   if (DIRS[e.code]) {
     e.preventDefault();  // arrows and space would scroll the page
     if (!held.has(e.code)) { held.add(e.code); sendInput(); }
-  } else if (digit && hello && +digit[1] <= hello.num_latent_actions) {
+  } else if (digit && hello && +digit[1] <= hello.number_keys.length) {
     if (latent !== +digit[1] - 1) { latent = +digit[1] - 1; sendInput(); }
   } else if (ONCE[e.code] && !e.repeat) {
     send(ONCE[e.code]);

@@ -1,0 +1,98 @@
+"""Play's batching: players stepped together get the frames they would get alone, in one model call per tick;
+and the number keys the page offers are what the model takes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from procgenie.play import batch
+from procgenie.play import server as play
+from procgenie.play.protocol import BadMessage, parse
+from procgenie.session import Session
+from procgenie.vocab import MOVES
+
+
+def _sessions(wm, dynamics, n: int, temperature=None) -> list[Session]:
+    """n rollouts from different contexts, each stepped a different number of frames (different clocks and,
+    for some, caches not yet full)."""
+    rng = np.random.default_rng(0)
+    C = min(4, dynamics.cfg.seq_len - 1)
+    out = []
+    for i in range(n):
+        ctx = rng.integers(0, 256, (1, C, 64, 64, 3), dtype=np.uint8)
+        s = Session(wm, ctx, steps=2, temperature=temperature, seed=i, dynamics=dynamics)
+        for _ in range(3 * i):
+            s.step(torch.tensor([i % dynamics.A]))
+        out.append(s)
+    return out
+
+
+def _check_batched_equals_alone(wm, dynamics, temperature=None, frames: int = 8):
+    together = _sessions(wm, dynamics, 3, temperature)
+    alone = copy.deepcopy(together)
+    rng = np.random.default_rng(1)
+    calls = []
+    for _ in range(frames):
+        actions = [torch.tensor([int(a)]) for a in rng.integers(0, dynamics.A, len(together))]
+        want = [s.step(a) for s, a in zip(alone, actions)]
+        before = Session.step.calls
+        got = batch.step_together(together, actions)
+        calls.append(Session.step.calls - before)
+        for w, g in zip(want, got):
+            assert w.shape == g.shape
+            far = np.abs(w.astype(int) - g.astype(int)) > 2  # float rounding moves a pixel by a level or so
+            assert far.mean() < 0.01, f"{far.mean():.3%} of pixels differ"
+    assert calls[-1] == 1, f"model calls per tick: {calls}"  # once every window is full: one call for all
+    assert [s.state.t for s in together] == [together[0].state.t] * 3
+
+
+@pytest.fixture
+def count_steps(monkeypatch):
+    step = Session.step
+
+    def counted(self, *a, **k):
+        counted.calls += 1
+        return step(self, *a, **k)
+
+    counted.calls = 0
+    monkeypatch.setattr(Session, "step", counted)
+
+
+def test_batched_players_get_the_frames_they_would_get_alone(both_run, count_steps):
+    from procgenie.world import WorldModel
+
+    wm = WorldModel.from_pretrained(both_run, device="cpu", actions="latent")
+    _check_batched_equals_alone(wm, wm.play_dynamics, temperature=0)  # real actions, as play drives them (greedy:
+    # a sampling model draws a group's codes from one generator, see batch.py)
+    _check_batched_equals_alone(wm, wm.dynamics, temperature=0)  # latent actions
+
+
+@pytest.mark.slow
+def test_batched_players_on_the_bundled_models(count_steps):
+    from procgenie.world import WorldModel
+
+    wm = WorldModel.from_pretrained(device="cpu").fast_weights()
+    _check_batched_equals_alone(wm, wm.play_dynamics, frames=10)  # what play serves
+    _check_batched_equals_alone(wm, wm.dynamics, frames=6)  # the latent model, with warp's last frame and shift
+
+
+def test_number_keys_say_what_the_model_takes(tiny_run, both_run):
+    from procgenie.world import WorldModel
+
+    wm = WorldModel.from_pretrained(tiny_run, device="cpu")  # latent actions: keys 1..9 pick them
+    hub = play.Hub(wm, level=0)
+    want = [f"latent {k} (real side: {MOVES[wm.key_for_latent(k)]})" for k in range(min(9, wm.num_latent_actions))]
+    assert hub.hello()["number_keys"] == want and "take latent action" in hub.controls()
+    assert parse('{"type": "input", "latent": 1}', hub.num_keys)[1]["latent"] == 1
+    hub.executor.shutdown()
+
+    wm = WorldModel.from_pretrained(both_run, device="cpu")  # play drives real actions: no number keys
+    hub = play.Hub(wm, level=0)
+    assert wm.play_kind == "real" and hub.hello()["number_keys"] == [] and "latent" not in hub.controls()
+    with pytest.raises(BadMessage, match="not latent actions"):
+        parse('{"type": "input", "latent": 1}', hub.num_keys)
+    hub.executor.shutdown()
