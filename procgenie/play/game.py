@@ -24,6 +24,8 @@ from procgenie.play.protocol import BadMessage, parse
 from procgenie.video import encode_video, upscale
 from procgenie.vocab import MOVES, NOOP, key_action
 
+PROBATION = 0.1  # seconds a new connection waits for its first start: a flood of connections that are closed
+# at once (for what they send) costs no model work
 MAX_RECORD = 600  # frames in one recording (40 s at 15 fps); then it stops and is sent
 RECORD_SCALE = 3  # nearest-neighbour upscale of recorded GIFs (x4 makes them twice as big)
 KIND_FRAME, KIND_GIF = 1, 2
@@ -38,6 +40,7 @@ class Player:
         self.latent: int | None = None
         self.paused = self.step_wanted = self.closed = False
         self.wanted: int | None = hub.starts.random_level(hub.rng) if hub.level is None else hub.level  # next level
+        self.joined = time.perf_counter()
         self.send_lock = asyncio.Lock()  # frames and replies come from two tasks
         self.sending: asyncio.Task | None = None  # the last frame, on its way
         self.session = self.env = None
@@ -51,6 +54,8 @@ class Player:
         """Whether the next tick has work for this player."""
         if self.closed or (self.sending is not None and not self.sending.done()):
             return False
+        if self.session is None and time.perf_counter() < self.joined + PROBATION:
+            return False  # see hub.PROBATION
         return self.wanted is not None or (self.session is not None and (not self.paused or self.step_wanted))
 
     def choose(self) -> tuple[int | None, int, str]:

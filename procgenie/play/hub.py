@@ -13,6 +13,7 @@ Letters: S frame size (64).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +24,13 @@ import torch
 from procgenie.dream import context_length
 from procgenie.errors import UserError
 from procgenie.play.batch import step_together
+from procgenie.play.game import PROBATION
 from procgenie.starts import Starts
 from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS
 
 FPS = 15  # target frames per second of each player
 MAX_SESSIONS = 4  # players at once; more are told the server is full
-STARTS_PER_TICK = 1  # context encodings a tick runs (a start costs several steps)
+STARTS_PER_TICK = 1  # context encodings a tick runs (a start costs two or three steps)
 MOVE_CONTROLS = "arrows / WASD move, up / W / space jump (held keys combine)"
 CONTROLS = "R new level, P pause, E one step while paused, G record a GIF (again: stop and save)"
 log = logging.getLogger("procgenie.play")
@@ -133,7 +135,8 @@ class Hub:
             due = [p for p in self.players if p.due()]
             if not due:
                 self.wake.clear()
-                await self.wake.wait()
+                with contextlib.suppress(TimeoutError):  # a new player's probation ends without a message
+                    await asyncio.wait_for(self.wake.wait(), PROBATION)
                 next_t = time.perf_counter()
                 continue
             starting = [p for p in due if p.wanted is not None][:STARTS_PER_TICK]

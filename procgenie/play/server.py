@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import sys
 from pathlib import Path
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -165,6 +166,9 @@ def serve(
         raise UserError(f"--start-level must lie in 0..{2**31 - 2}, got {level}")
     if not 0 < fps <= 1000 or max_sessions < 1:
         raise UserError(f"--fps must lie in (0, 1000] and --max-players be at least 1, got {fps:g} and {max_sessions}")
+    # Now, before the hub: its thread silences Procgen's import by swapping sys.stderr for a while (vocab.py), and a
+    # handler made then would write the log there.
+    logging.basicConfig(level=logging.WARNING, format="procgenie play: %(message)s", stream=sys.stderr)
     sock = listen(host, port)  # first: a busy port fails at once, before the model loads
     try:
         hub = Hub(
@@ -173,7 +177,6 @@ def serve(
     except BaseException:
         sock.close()
         raise
-    logging.basicConfig(level=logging.WARNING, format="procgenie play: %(message)s")
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(
