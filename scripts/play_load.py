@@ -91,6 +91,8 @@ async def player(http, url: str, seconds: float | None = None, frames: int | Non
 
 def summary(times: list[float], metas: list[dict] | None = None) -> dict:
     gaps = np.diff(times[5:]) * 1000  # past the first frames (session start)
+    if len(gaps) < 2:
+        raise SystemExit(f"{len(times)} frames came: too few to measure (a longer --seconds?)")
     out = {
         "frames": len(times),
         "fps": len(gaps) / (gaps.sum() / 1000),
@@ -101,6 +103,12 @@ def summary(times: list[float], metas: list[dict] | None = None) -> dict:
         seen = [m[key] for m in (metas or [])[5:] if key in m]
         out[key] = float(np.median(seen)) if seen else None
     return out
+
+
+async def warm_up(url: str) -> None:
+    """One player until its second frame: the server has loaded Procgen's library by then."""
+    async with aiohttp.ClientSession() as http:
+        await player(http, url, frames=2)
 
 
 async def crowd(url: str, n: int, seconds: float) -> list[dict]:
@@ -205,6 +213,7 @@ def main() -> None:
     out = {}
     proc, url = start_server(a.checkpoint, a.fps)
     try:
+        asyncio.run(warm_up(url))
         for n in (1, 2, 4):
             out[f"players_{n}"] = asyncio.run(crowd(url, n, a.seconds))
             per = out[f"players_{n}"]

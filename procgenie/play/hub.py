@@ -108,6 +108,7 @@ class Hub:
         self.players.append(player)
         if self.ticker is None or self.ticker.done():
             self.ticker = asyncio.create_task(self.loop())
+            self.ticker.add_done_callback(_said)
         self.wake.set()
 
     def leave(self, player) -> None:
@@ -197,3 +198,9 @@ class Hub:
             self.ticker.cancel()
             await asyncio.gather(self.ticker, return_exceptions=True)
         self.executor.shutdown(wait=True)
+
+
+def _said(task: asyncio.Task) -> None:
+    """A tick loop that ended on an error (a bug: model failures are caught) says so; the next player restarts it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("play: the tick stopped", exc_info=task.exception())
