@@ -171,12 +171,13 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     hello = hub.hello()
     assert hello["world"] == "recordings" and hello["real_to_latent"] is None and hello["recordings"] == len(tests)
     player = play.Player(hub, ws=None)
-    player.env, ctx, player.session = player._start(0, 0)
+    env, ctx, session = hub.open(0, 0)  # what the hub's tick does for a new player
     _, start, stop = ends[tests[0]]
     test_video = originals[tests[0]][start:stop]  # test recording 0: the held-out end of the first source cut
     assert np.abs(ctx.astype(int) - test_video[: len(ctx)]).mean() < 6
     player.keys["right"] = True  # arrows mean nothing here
     assert player.choose() == (wm.idle_latent, 4, "idle")
     player.latent = 1
-    dream, shown, _ = player._step(*player.choose()[:2])
+    latent, real, _ = player.choose()
+    ((dream, shown, _),) = hub.step([(session, env, latent, real)])
     assert dream.shape == (64, 64, 3) and np.abs(shown.astype(int) - test_video[len(ctx)]).mean() < 6
