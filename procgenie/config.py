@@ -111,6 +111,11 @@ class DynamicsConfig:
         "motion compensation: predict the camera's shift per action and take the codes of the last frame moved "
         "by it as a prior for the next frame's (procgenie/nn/warp.py)",
     )
+    warp_velocity: bool = _f(
+        False,
+        "warp: the shift head also sees the camera's last shift (its velocity), and generation keeps the fraction "
+        "of each expected shift for the next frame, so a camera that starts slowly still moves",
+    )
     warp_jitter: float = _f(0.25, "share of training frames whose prior is moved by a shift up to 1 px off (warp)")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
     decode: str = _f(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from procgenie.errors import UserError
+from procgenie.metrics import frame_shift
 from procgenie.nn.warp import warped_prior
 
 if TYPE_CHECKING:
@@ -55,11 +56,13 @@ class Session:
             else:
                 between = wm.lam.infer(ctx) if C > 1 else codes.new_zeros(B, 0)  # (B, C-1)
             first = torch.full((B, 1), dyn.A, dtype=torch.long, device=wm.device)
-            self.state = dyn.start(codes, torch.cat([first, between], 1))
+            moving = frame_shift(ctx[:, -2], ctx[:, -1]) if dyn.velocity and C > 1 else None  # the camera's speed
+            self.state = dyn.start(codes, torch.cat([first, between], 1), moving)
             self.dec_caches = tok.decoder.new_caches(tok.cfg.seq_len - 1)
             pos = torch.arange(C, device=wm.device)
             tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)  # fill the decoder's cache
         self.last = ctx[:, -1]  # (B, H, W, 3) uint8: what a warp model moves into the next frame's prior
+        self.last_codes = codes[:, -1]  # (B, N, G): the prior of a warp model's frame that does not move
         self.frame_shape = tuple(context.shape[2:])
 
     @property
@@ -75,7 +78,8 @@ class Session:
         with wm.compute_precision():
             prior = None
             if self.dyn.cfg.warp:  # the last frame moved by the camera's predicted shift
-                prior = warped_prior(wm.tokenizer, self.last, self.dyn.next_shift(self.state, action_B))
+                shift = self.dyn.next_shift(self.state, action_B)
+                prior = warped_prior(wm.tokenizer, self.last, shift, self.last_codes)
             codes = self.dyn.step(
                 self.state,
                 action_B,
@@ -88,5 +92,5 @@ class Session:
             frame = wm.tokenizer.decode(codes[:, None], caches=self.dec_caches, pos=pos, commit=True)[:, 0]
         frame = to_uint8(frame)
         if self.dyn.cfg.warp:  # only a warp model slides the last frame
-            self.last = torch.from_numpy(frame).to(wm.device)
+            self.last, self.last_codes = torch.from_numpy(frame).to(wm.device), codes
         return frame

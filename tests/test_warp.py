@@ -12,7 +12,7 @@ from test_models import make_dynamics
 
 from procgenie import WorldModel
 from procgenie.metrics import frame_shift
-from procgenie.nn.warp import MAX_SHIFT, shift_frames
+from procgenie.nn.warp import MAX_SHIFT, SHIFTS, owed_shift, shift_frames, shifts_into, warped_prior
 
 
 def texture(B=3, seed=0):
@@ -143,3 +143,68 @@ def test_a_warp_world_model_trains_evaluates_and_plays_through_the_command_line(
     run_cli(*sh(f"eval --checkpoint {run} --data {coinrun_data} --out {out_dir} --episodes 2 --context 2 --horizon 4"))
     m = json.loads((out_dir / "metrics.json").read_text())
     assert len(m["dynamics"]["psnr_by_step"]) == 4 and all(np.isfinite(m["dynamics"]["psnr_by_step"]))
+
+
+# -- warp_velocity: the shift head sees the camera's last shift --------------------------------------------------
+def test_a_camera_slower_than_a_pixel_a_frame_still_moves_at_its_rate():
+    """A head 60% sure of no shift and 40% of -1 px: the most likely shift never moves the camera; the expected
+    shift with its remainder carried moves it 1 px on 4 of 10 frames."""
+    p = torch.zeros(1, 2, SHIFTS)
+    p[0, 0, MAX_SHIFT], p[0, 0, MAX_SHIFT - 1], p[0, 1, MAX_SHIFT] = 0.6, 0.4, 1.0
+    logits, carry, made = p.clamp_min(1e-9).log(), torch.zeros(1, 2), []
+    for _ in range(10):
+        shift, carry = owed_shift(logits, carry)
+        made.append(shift)
+    made = torch.cat(made)
+    assert (logits.argmax(-1) == MAX_SHIFT).all()
+    assert made[:, 0].sum() == -4 and set(made[:, 0].tolist()) == {0, -1} and (made[:, 1] == 0).all()
+
+
+def test_the_shift_head_sees_the_shift_into_each_frame_and_no_later_one():
+    shift = torch.tensor([[[1, 0], [-2, 1], [3, -1]]])  # out of frames 1, 2, 3
+    into = shifts_into(shift)
+    assert into[0, 0].tolist() == [SHIFTS, SHIFTS]  # frame 1: unknown
+    assert torch.equal(into[:, 1:], shift[:, :-1] + MAX_SHIFT)  # frames 2, 3: the shift out of the frame before
+
+
+def test_generation_with_velocity_decides_the_shifts_that_the_training_pass_predicts():
+    dyn = make_dynamics(decode="mean", depth=2, seq_len=5, temperature=0.0, warp=True, warp_velocity=True)
+    for p in (dyn.shift_head.weight, dyn.velocity_embed.weight, dyn.prior_embed.weight):
+        torch.nn.init.normal_(p)
+    C, T = 2, dyn.cfg.seq_len
+    acts, priors = torch.randint(0, 4, (1, T - 1)), torch.randint(0, 50, (1, T - 1, 6, 2))
+    frames, made, first = [torch.randint(0, 50, (1, C, 6, 2))], [], torch.tensor([[-2, 1]])  # into the last context
+    state = dyn.start(frames[0], F.pad(acts[:, : C - 1], (1, 0), value=dyn.A), first)
+    for t in range(C, T):
+        made.append(dyn.next_shift(state, acts[:, t - 1]))
+        frames.append(dyn.step(state, acts[:, t - 1], steps=1, prior=priors[:, t - 1])[:, None])
+    made = torch.stack(made, 1)  # (1, T-C, 2)
+    assert made.abs().sum() > 0  # random weights: the test would be empty on a still camera
+    shift = torch.cat([first[:, None], made], 1)  # out of frames 1.. T-1 (the last one not read)
+    with torch.no_grad():
+        _, h = dyn.teacher_forced_logits(
+            torch.cat(frames, 1), acts, torch.ones(1, T - 1, 6, 2, dtype=torch.bool), priors
+        )
+        logits = dyn._shift_logits(h, acts, shifts_into(shift))[:, C - 1 :].float()
+    carry, expected = torch.zeros(1, 2), []
+    for t in range(T - C):
+        s, carry = owed_shift(logits[:, t], carry)
+        expected.append(s)
+    assert torch.equal(made, torch.stack(expected, 1))
+
+
+def test_a_frame_that_does_not_move_keeps_its_codes_and_only_the_moved_ones_are_encoded():
+    class Tokenizer:  # codes (B, 1, N=4, G=1): the first pixels' red values; counts the frames it encodes
+        encoded = 0
+
+        def encode(self, frames):
+            self.encoded += len(frames)
+            return frames[:, :, 0, :4, 0].long()[..., None]
+
+    tok, frames = Tokenizer(), texture(B=3)
+    own = torch.full((3, 4, 1), -1)
+    shift = torch.tensor([[0, 0], [2, 0], [0, 0]])
+    prior = warped_prior(tok, frames, shift, own)
+    assert tok.encoded == 1 and (prior[[0, 2]] == -1).all()
+    assert torch.equal(prior[1], shift_frames(frames[1:2], shift[1:2])[0, 0, :4, 0].long()[:, None])
+    assert torch.equal(warped_prior(tok, frames, shift), tok.encode(shift_frames(frames, shift)[:, None])[:, 0])

@@ -10,12 +10,10 @@ exactly what generation sees: clean past keys and values (cached) and one partly
 Frame t carries the action a_{t-1} that led to it; action index A means unknown.
 
 Generation (MaskGIT): start fully masked; each of `steps` rounds picks every masked code, keeps the
-most confident ones (a cosine schedule says how many stay masked) and feeds them back. A code is picked
-by sampling (`decode='sample'`) or, over an FSQ tokenizer, as each channel's expected level rounded
-(`decode='mean'`): a wrong guess then lands on a nearby code, not any code. The finished
-frame joins the key/value cache of the clean past in the next frame's first round, which runs it beside
-the new masked frame as in training's two streams: one transformer pass fewer per frame. The clean
-past then holds seq_len-1 frames at most, as in training.
+most confident ones (a cosine schedule says how many stay masked) and feeds them back (maskgit.pick says
+how a code is picked). The finished frame joins the key/value cache of the clean past in the next frame's
+first round, which runs it beside the new masked frame as in training's two streams: one transformer pass
+fewer per frame. The clean past then holds seq_len-1 frames at most, as in training.
 
 Letters: B batch, T frames, N positions per frame, G codes per position, V codebook size, D width,
 A actions (latent, or Procgen's vocab.NUM_ACTIONS).
@@ -35,8 +33,9 @@ from procgenie.config import DynamicsConfig
 from procgenie.errors import UserError
 from procgenie.metrics import frame_shift
 from procgenie.nn.blocks import STTransformer, init_weights, window_mask
+from procgenie.nn.maskgit import pick
 from procgenie.nn.stage import StageModel
-from procgenie.nn.warp import SHIFTS, shift_classes, warped_prior
+from procgenie.nn.warp import SHIFTS, owed_shift, shift_classes, shifts_into, warped_prior
 
 
 def two_stream_mask(T: int, device) -> torch.Tensor:
@@ -69,6 +68,8 @@ class Rollout:
     t: int
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
     last_h: torch.Tensor | None = None  # (B, 1, N', D) the last clean frame's output (warp: the shift head's input)
+    last_shift: torch.Tensor | None = None  # (B, 2) warp_velocity: the class of the camera's shift into that frame
+    carry: torch.Tensor | None = None  # (B, 2) warp_velocity: the fraction of a pixel the camera still owes
 
 
 class Dynamics(StageModel):
@@ -98,9 +99,13 @@ class Dynamics(StageModel):
         if cfg.warp:  # the prior's codes (a table per slot), and the shift after a frame for each action, per axis
             self.prior_embed = nn.Embedding(self.G * (vocab + 1), D)
             self.shift_head = nn.Linear(D, (num_actions + 1) * 2 * SHIFTS)
+        self.velocity = cfg.warp and cfg.warp_velocity  # the shift head sees the shift into the frame per axis
+        if self.velocity:  # (class SHIFTS: unknown)
+            self.velocity_embed = nn.Embedding(2 * (SHIFTS + 1), D)
         init_weights(self)
-        if cfg.warp:  # no prior yet: a model continued with warp on starts as it was
-            nn.init.zeros_(self.prior_embed.weight)
+        for new in ("prior_embed", "velocity_embed"):  # zero: a model continued with warp on starts as it was
+            if hasattr(self, new):
+                nn.init.zeros_(getattr(self, new).weight)
         self.register_buffer("slot", torch.arange(self.G) * (vocab + 1), persistent=False)
         self._frozen: Frozen | None = None  # attached for training; a plain object, so not part of the weights
 
@@ -122,9 +127,15 @@ class Dynamics(StageModel):
         h = h_BTND[:, :, -self.N :]
         return rearrange(self.head(h), "b t n (g v) -> b t n g v", g=self.G)
 
-    def _shift_logits(self, h_BTND, actions_BT) -> torch.Tensor:
-        """Logits (B, T, 2, SHIFTS) of the camera's shift (dx, dy) after each clean frame under the action taken."""
-        s = rearrange(self.shift_head(h_BTND[:, :, -self.N :].mean(2)), "b t (a k s) -> b t a k s", k=2, s=SHIFTS)
+    def _shift_logits(self, h_BTND, actions_BT, last_BT2=None) -> torch.Tensor:
+        """Logits (B, T, 2, SHIFTS) of the camera's shift (dx, dy) after each clean frame under the action taken;
+        warp_velocity: given the class (B, T, 2) of the shift into that frame (SHIFTS: unknown)."""
+        pooled = h_BTND[:, :, -self.N :].mean(2)
+        if self.velocity:
+            pooled = pooled + self.velocity_embed(last_BT2 + torch.tensor([0, SHIFTS + 1], device=pooled.device)).sum(
+                -2
+            )
+        s = rearrange(self.shift_head(pooled), "b t (a k s) -> b t a k s", k=2, s=SHIFTS)
         return s.gather(2, actions_BT[:, :, None, None, None].expand(-1, -1, 1, 2, SHIFTS))[:, :, 0]
 
     # -- training -------------------------------------------------------------------------------
@@ -181,7 +192,7 @@ class Dynamics(StageModel):
             acc = (logits.argmax(-1) == target).float().mean()
         metrics = {"ce": ce.detach(), "acc": acc.detach()}  # tensors: the training loop reads them
         if shift is not None:  # the clean frames 1..T-1, each under the action that followed it
-            s = self._shift_logits(h, actions)  # (B, T-1, 2, SHIFTS)
+            s = self._shift_logits(h, actions, shifts_into(shift))  # (B, T-1, 2, SHIFTS)
             shift_ce = F.cross_entropy(s.flatten(0, -2).float(), shift_classes(shift).flatten())
             metrics |= {
                 "shift_ce": shift_ce.detach(),
@@ -210,8 +221,9 @@ class Dynamics(StageModel):
         return logits if prior_BTNG is None else (logits, h[:, : T - 1])
 
     # -- generation -----------------------------------------------------------------------------
-    def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor) -> Rollout:
-        """Fill a key/value cache with context frames (B, C, N, G) and the actions that led to them (B, C)."""
+    def start(self, codes_BCNG: torch.Tensor, actions_BC: torch.Tensor, last_shift_B2=None) -> Rollout:
+        """Fill a key/value cache with context frames (B, C, N, G) and the actions that led to them (B, C);
+        warp_velocity: the camera's shift (B, 2) into the last context frame, in pixels (None: unknown)."""
         caches = self.transformer.new_caches(self.cfg.seq_len - 1)
         C, dev = codes_BCNG.shape[1], codes_BCNG.device
         h = self.transformer(
@@ -221,19 +233,26 @@ class Dynamics(StageModel):
             caches=caches,
             commit=True,
         )
-        return Rollout(caches, C, last_h=h[:, -1:])
+        unknown = torch.full((codes_BCNG.shape[0], 2), SHIFTS, device=dev)
+        last = unknown if last_shift_B2 is None else shift_classes(last_shift_B2.to(dev))
+        return Rollout(caches, C, last_h=h[:, -1:], last_shift=last.long(), carry=torch.zeros_like(unknown).float())
 
     @torch.no_grad()
     def next_shift(self, state: Rollout, action_B: torch.Tensor) -> torch.Tensor:
-        """warp: the camera's shift (B, 2) after the last frame under `action_B`, the most likely per axis. The last
-        generated frame joins the cache here, in a pass of its own: the next frame's prior needs this shift first."""
+        """warp: the camera's shift (B, 2) after the last frame under `action_B`: the most likely per axis, or
+        (warp_velocity) warp.owed_shift. The last generated frame joins the cache here, in a pass of its own."""
         if state.pending is not None:
             for c in state.caches:
                 c.keep_last(self.cfg.seq_len - 2)
             x = self._embed(state.pending[0], state.pending[1][:, None], False)
             pos = torch.tensor([state.t - 1], device=action_B.device)
             state.last_h, state.pending = self.transformer(x, pos=pos, caches=state.caches, commit=True), None
-        return self._shift_logits(state.last_h, action_B[:, None])[:, 0].argmax(-1) - SHIFTS // 2
+        logits = self._shift_logits(state.last_h, action_B[:, None], state.last_shift[:, None])[:, 0].float()
+        if not self.velocity:
+            return logits.argmax(-1) - SHIFTS // 2
+        shift, state.carry = owed_shift(logits, state.carry)
+        state.last_shift = shift_classes(shift)
+        return shift
 
     @torch.no_grad()
     def step(
@@ -285,26 +304,5 @@ class Dynamics(StageModel):
         return codes[:, 0]
 
     def _pick(self, logits_BNGV: torch.Tensor, decode: str, temperature: float, generator):
-        """A code for every position and slot (B, N, G), and the model's probability of it (the MaskGIT confidence)."""
-        probs = F.softmax(logits_BNGV / temperature if decode == "sample" and temperature > 0 else logits_BNGV, -1)
-        if decode == "sample":
-            code = _draw(probs, generator) if temperature > 0 else probs.argmax(-1)
-            return code, probs.gather(-1, code[..., None])[..., 0]
-        # decode == "mean": each FSQ channel's marginal (channel 0 varies fastest in a code index), its expected
-        # level rounded; the confidence is the product of the chosen levels' marginals.
-        joint = probs.unflatten(-1, self.levels[::-1])  # (B, N, G, L_Q-1, ..., L_0)
-        code, conf, stride = 0, 1, 1
-        for q, L in enumerate(self.levels):
-            axis = joint.dim() - 1 - q
-            p = joint.sum(tuple(a for a in range(probs.dim() - 1, joint.dim()) if a != axis))  # (B, N, G, L)
-            level = (p * torch.arange(L, device=p.device)).sum(-1).round().long()
-            code, conf, stride = code + level * stride, conf * p.gather(-1, level[..., None])[..., 0], stride * L
-        return code, conf
-
-
-def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One sample per row of probs (..., K) by inverse CDF: one uniform per row. (torch.multinomial draws one
-    exponential per entry: 256,000 a frame over a 1,000-code book, a fifth of play's time on a CPU.)"""
-    cdf = probs.reshape(-1, probs.shape[-1]).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).clamp(max=probs.shape[-1] - 1).reshape(probs.shape[:-1])
+        """A code for every position and slot (B, N, G), and the model's probability of it (maskgit.pick)."""
+        return pick(logits_BNGV, decode, temperature, generator, self.levels)
