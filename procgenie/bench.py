@@ -39,7 +39,7 @@ from procgenie.precision import resolve
 from procgenie.runtime import set_cpu_threads, speed_settings
 from procgenie.timing import device_name, matmul_flops_per_s, time_calls
 from procgenie.train import make_optimizer, set_act_ckpt, train_step
-from procgenie.vocab import NUM_ACTIONS
+from procgenie.vocab import NUM_ACTIONS, RIGHT, start_frames
 
 
 def _say(msg: str) -> None:
@@ -138,19 +138,27 @@ def load_world(checkpoint: str | None, device, precision: str = "auto"):
 
 
 def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
-    """Frames/s and latency percentiles of Session.step, batch 1, once the caches are full."""
+    """Frames/s and latency percentiles of Session.step, batch 1, once the caches are full. In a Procgen world, from
+    a real level's first frames with right held: a warp model encodes the moved last frame only when the camera
+    moves, so a still screen would time less work than a player gets."""
     from procgenie.dream import context_length
 
     steps = wm.play_steps(maskgit_steps)
     wm.fast_weights()  # as play runs it
-    size = wm.image_size
-    # (1, C, H, W, 3): as many context frames as play starts from; their content does not change the work.
-    context = np.full((1, context_length(wm), size, size, 3), 128, np.uint8)
+    size, C = wm.image_size, context_length(wm)
+    context = np.full((1, C, size, size, 3), 128, np.uint8)  # (1, C, H, W, 3) as many frames as play starts from
+    held = None  # random actions
+    if wm.procgen:
+        env, frames = start_frames(0, C, wm.env)
+        env.close()
+        context = frames[None]
+        held = RIGHT if wm.play_kind == "real" else wm.latent_for_real_action(RIGHT) if wm.has_key_map else None
     session = wm.play_session(context, steps=steps, seed=0)  # the dynamics model that play drives
     rng = np.random.default_rng(0)
 
     def one_frame():
-        session.step(torch.from_numpy(rng.integers(0, session.num_actions, 1)))  # returns numpy: synced
+        action = rng.integers(0, session.num_actions, 1) if held is None else np.array([held])
+        session.step(torch.from_numpy(action))  # returns numpy: synced
 
     for _ in range(wm.play_cfg.model.seq_len):  # fill the dynamics and decoder caches to their window
         one_frame()

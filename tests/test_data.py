@@ -182,3 +182,21 @@ def test_data_info_into_a_closed_pipe_ends_quietly(coinrun_data):
     finally:
         os.close(write)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_runner_holds_its_moves_and_runs_back_left():
+    """The runner policy holds each move for a while (runs, not sticky flicker), right-leaning, with held lefts."""
+    from procgenie.data.policies import make_policy
+    from procgenie.vocab import LEFT, LEFT_UP, RIGHT, RIGHT_UP
+
+    acts = np.stack([make_policy("runner", 64, seed=0).act().copy() for _ in range(200)], 1)  # (64, 200)
+    changes = (acts[:, 1:] != acts[:, :-1]).mean()
+    assert changes < 0.1  # a hold lasts 20 frames on average
+    right, left = np.isin(acts, [RIGHT, RIGHT_UP]).mean(), np.isin(acts, [LEFT, LEFT_UP]).mean()
+    assert 0.4 < right < 0.6 and 0.2 < left < 0.4
+
+    def longest(row):  # the longest run of LEFT in a row of actions
+        edges = np.diff(np.r_[0, row == LEFT, 0].astype(int))
+        return (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).max(initial=0)
+
+    assert max(longest(row) for row in acts) >= 20
