@@ -15,7 +15,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 from conftest import run_cli, serve_play_page, sh
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from procgenie.data.importer import level_seed, parts, square
 from procgenie.data.store import Dataset, split_of
@@ -106,6 +106,18 @@ def test_a_missing_source_or_bad_crop_is_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "X,Y,W,H" in proc.stderr
 
 
+def as_imported(src: Path, frames: np.ndarray, fps: float | None) -> np.ndarray:
+    """A source's original frames (T, S, S, 3) as `data import --fps` keeps them: the frame on screen at each
+    1/fps instant. A GIF's frame times are whole hundredths (15 fps is written as 70 ms a frame), so at --fps 15
+    about one frame in 14 is kept twice; a frame folder has no rate and an MP4 here has the asked one: all kept."""
+    if fps is None or src.suffix != ".gif":
+        return frames
+    with Image.open(src) as im:  # a repeated frame is merged into a longer one: the shortest is the period
+        period = min(f.info["duration"] for f in ImageSequence.Iterator(im)) / 1000
+    t = np.arange(0, len(frames) * period - 1e-6, 1 / fps)
+    return frames[((t + 1e-6) // period).astype(int)]
+
+
 def readme_video_commands() -> list[list[str]]:
     """The procgenie steps of the README's "Your own videos" command line."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -149,7 +161,9 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     assert m["lam"]["nmi_real_actions"] is None and m["play"] is None and m["data"]["actions"] is False
     assert np.isfinite(m["dynamics"]["delta_psnr_t4"]) and len(m["dynamics"]["psnr_by_step"]) == 10
     assert not (report / "lam_confusion.png").exists()
-    ends = [parts(i, 7, len(v), "time")[-1] for i, v in enumerate(originals)]  # (split, start, stop) of each end
+    fps = float(steps[0][steps[0].index("--fps") + 1]) if "--fps" in steps[0] else None
+    imported = [as_imported(src, v, fps) for src, v in zip(sorted(root.iterdir()), originals)]  # the cuts' frames
+    ends = [parts(i, 7, len(v), "time")[-1] for i, v in enumerate(imported)]  # (split, start, stop) of each end
     tests = [i for i, end in enumerate(ends) if end[0] == "test"]  # the even sources long enough to cut
     assert m["data"]["split"] == "test" and m["data"]["episodes"] == len(tests) >= 1
     val = run_cli(*sh(f"eval --checkpoint {run} --data {data} --out {tmp_path / 'val'} --horizon 4 --split val"))
@@ -173,7 +187,7 @@ def test_a_world_learned_from_recordings_trains_evaluates_dreams_and_plays(recor
     player = play.Player(hub, ws=None)
     env, ctx, session = hub.open(0, 0)  # what the hub's tick does for a new player
     _, start, stop = ends[tests[0]]
-    test_video = originals[tests[0]][start:stop]  # test recording 0: the held-out end of the first source cut
+    test_video = imported[tests[0]][start:stop]  # test recording 0: the held-out end of the first source cut
     assert np.abs(ctx.astype(int) - test_video[: len(ctx)]).mean() < 6
     player.keys["right"] = True  # arrows mean nothing here
     assert player.choose() == (wm.idle_latent, 4, "idle")
