@@ -9,8 +9,10 @@ Layout of a dataset folder DIR:
                                    per episode: truncated (E,) bool
 
 A dataset imported from recordings (`data import`) has no actions: its manifest says `"actions": false`,
-its action and reward arrays are zeros, and its level seeds are the index of the source file each
-episode came from (so the same split rule keeps each recording in one split).
+its action and reward arrays are zeros, and its level seeds say where each episode came from, so the same
+split rule (`split_of`) places it: from 20 sources on, the index of its source file (a recording stays whole
+in one split); below that each source is cut in time, and its parts get 20 * index + 0 (its held-out end in
+test), + 1 (the end in val) or + 2 (the rest, in train). The manifest's `import.split` names the rule.
 
 Step i holds frame i and the action taken *at* frame i, whose outcome is frame i+1 (the last
 action of an episode has no next frame). A shard holds whole episodes of one split only. The
