@@ -2,7 +2,7 @@
 
 - Training frames/s per stage: the real training step (`train.train_step`: autocast, backward,
   clipping, AdamW) of freshly built models of a preset, on synthetic uint8 frames (no dataset needed; the
-  loader is measured separately, see `loader_frames_per_s`). A frame is one frame of a training clip:
+  loader is measured separately, see `data.loader.loader_frames_per_s`). A frame is one frame of a training clip:
   a step trains batch_size x seq_len of them. The dynamics step includes what `procgenie train
   dynamics` does each step too: encoding the frames with the frozen tokenizer and LAM (fresh ones
   here, built from the same preset).
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -137,13 +136,15 @@ def load_world(checkpoint: str | None, device, precision: str = "auto"):
         return None, f"not measured: {e}"
 
 
-def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
-    """Frames/s and latency percentiles of Session.step, batch 1, once the caches are full. In a Procgen world, from
-    a real level's first frames with right held: a warp model encodes the moved last frame only when the camera
-    moves, so a still screen would time less work than a player gets."""
+def time_play(wm, seconds: float, maskgit_steps: int | None, what: str = "play") -> dict:
+    """Frames/s and latency percentiles of Session.step, batch 1, once the caches are full: of the model play drives,
+    or (what='generate') of `WorldModel.generate`'s. In a Procgen world, from a real level's first frames with right
+    held: a warp model encodes the moved last frame only when the camera moves, so a still screen would time less
+    work than a player gets."""
     from procgenie.dream import context_length
+    from procgenie.session import Session
 
-    steps = wm.play_steps(maskgit_steps)
+    steps = wm.play_steps(maskgit_steps) if what == "play" else maskgit_steps or wm.dynamics.cfg.maskgit_steps
     wm.fast_weights()  # as play runs it
     size, C = wm.image_size, context_length(wm)
     context = np.full((1, C, size, size, 3), 128, np.uint8)  # (1, C, H, W, 3) as many frames as play starts from
@@ -152,8 +153,9 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
         env, frames = start_frames(0, C, wm.env)
         env.close()
         context = frames[None]
-        held = RIGHT if wm.play_kind == "real" else wm.latent_for_real_action(RIGHT) if wm.has_key_map else None
-    session = wm.play_session(context, steps=steps, seed=0)  # the dynamics model that play drives
+        kind = wm.play_kind if what == "play" else wm.action_kind
+        held = RIGHT if kind == "real" else wm.latent_for_real_action(RIGHT) if wm.has_key_map else None
+    session = wm.play_session(context, steps=steps, seed=0) if what == "play" else Session(wm, context, steps, seed=0)
     rng = np.random.default_rng(0)
 
     def one_frame():
@@ -165,11 +167,11 @@ def time_play(wm, seconds: float, maskgit_steps: int | None) -> dict:
     times = time_calls(one_frame, wm.device, seconds, 10)
     ms = 1000 * np.array(times)
     return {
-        "play_fps": len(times) / sum(times),
-        "play_latency_ms_p50": float(np.percentile(ms, 50)),
-        "play_latency_ms_p95": float(np.percentile(ms, 95)),
-        "play_maskgit_steps": steps,
-        "play_frames_timed": len(times),
+        f"{what}_fps": len(times) / sum(times),
+        f"{what}_latency_ms_p50": float(np.percentile(ms, 50)),
+        f"{what}_latency_ms_p95": float(np.percentile(ms, 95)),
+        f"{what}_maskgit_steps": steps,
+        f"{what}_frames_timed": len(times),
     }
 
 
@@ -216,6 +218,8 @@ def bench(
     if wm is not None:
         _say(f"timing play on {wm.run_dir} for {seconds:g} s ...")
         play = time_play(wm, seconds, maskgit_steps)
+        _say(f"timing WorldModel.generate (one stream) for {seconds:g} s ...")
+        play |= time_play(wm, seconds, maskgit_steps, "generate")
 
     result = {
         "device": device_name(device),
@@ -238,6 +242,7 @@ def bench(
         "train": train,
         "play_checkpoint": None if wm is None else str(wm.run_dir),
         "play_maskgit_steps": play.get("play_maskgit_steps"),
+        **{k: play.get(k) for k in ("generate_fps", "generate_latency_ms_p95", "generate_maskgit_steps")},
     }
     if play_note:
         result["play_note"] = play_note
@@ -281,29 +286,8 @@ def table(r: dict) -> str:
             f"p95 {r['play_latency_ms_p95']:,.1f} ms ({r['play_maskgit_steps']} MaskGIT steps, batch 1, "
             f"{r['play_checkpoint']})"
         )
+        lines.append(
+            f"generate   {r['generate_fps']:,.1f} frames/s, latency p95 {r['generate_latency_ms_p95']:,.1f} ms "
+            f"({r['generate_maskgit_steps']} MaskGIT steps, batch 1: WorldModel.generate's model, one stream)"
+        )
     return "\n".join(lines)
-
-
-# -- the loader ----------------------------------------------------------------------------------
-
-
-def loader_frames_per_s(
-    data: str, batch_size: int = 8, seq_len: int = 16, seconds: float = 10.0, workers: int = 0
-) -> dict:
-    """Training frames/s that the clip loader serves from dataset `data` (random clips, as in training)."""
-    from procgenie.data.loader import ClipSampler, batches
-    from procgenie.data.store import Dataset
-
-    sampler = ClipSampler(Dataset(data, verify=False), "train", seq_len, batch_size, seed=0)
-    count, start = 0, time.perf_counter()
-    for b in batches(sampler, 0, 10**9, workers=workers):
-        count += 1
-        if time.perf_counter() - start > seconds:
-            break
-    elapsed = time.perf_counter() - start
-    return {
-        "batches_per_s": count / elapsed,
-        "frames_per_s": count * batch_size * seq_len / elapsed,
-        "batch_ms": 1000 * elapsed / count,
-        "frames": int(sampler.eps["length"].sum()),
-    }

@@ -4,7 +4,7 @@ Usage: python scripts/loader_scale.py DIR [FRAMES] [SECONDS]     (default 10,000
 
 Writes DIR (a valid procgenie dataset: real step files, frame files of the right size that hold no
 data blocks, 123 GB apparent at 10M frames, a few hundred MB on disk), then times opening it and the
-training loader's random clips (8 x 16 frames, as `bench.loader_frames_per_s`) in-process and through
+training loader's random clips (8 x 16 frames, as `data.loader.loader_frames_per_s`) in-process and through
 one and two DataLoader workers. Reads of a sparse file cost no disk time, so this measures what grows
 with the dataset (index, shard count, memory maps), not the disk; docs/benchmarks.md has the disk's part.
 Delete DIR afterwards.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from procgenie.bench import loader_frames_per_s
+from procgenie.data.loader import loader_frames_per_s
 from procgenie.data.shards import _save_npz
 from procgenie.data.store import SPLIT_RULE, Dataset, write_manifest
 

@@ -52,6 +52,7 @@ def test_bench_writes_the_spec_schema_with_positive_finite_figures(tiny_run, tmp
         assert _positive(r[key]), key
     assert r["play_latency_ms_p50"] <= r["play_latency_ms_p95"]
     assert r["play_maskgit_steps"] == 2  # the tiny dynamics config's default
+    assert _positive(r["generate_fps"]) and r["generate_maskgit_steps"] == 2  # generate, timed beside play
     assert "frames/s" in proc.stdout and "dynamics" in proc.stdout and "timing" in proc.stderr
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
 

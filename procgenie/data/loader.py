@@ -11,6 +11,7 @@ Letters: B clips, T frames per clip, H, W pixels, C=3 colours.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -127,3 +128,22 @@ def batches(sampler: ClipSampler, start: int, stop: int, workers: int = 0, pin_m
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
+
+
+def loader_frames_per_s(
+    data: str, batch_size: int = 8, seq_len: int = 16, seconds: float = 10.0, workers: int = 0
+) -> dict:
+    """Training frames/s that the clip loader serves from dataset `data` (random clips, as in training)."""
+    sampler = ClipSampler(Dataset(data, verify=False), "train", seq_len, batch_size, seed=0)
+    count, start = 0, time.perf_counter()
+    for b in batches(sampler, 0, 10**9, workers=workers):
+        count += 1
+        if time.perf_counter() - start > seconds:
+            break
+    elapsed = time.perf_counter() - start
+    return {
+        "batches_per_s": count / elapsed,
+        "frames_per_s": count * batch_size * seq_len / elapsed,
+        "batch_ms": 1000 * elapsed / count,
+        "frames": int(sampler.eps["length"].sum()),
+    }
