@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="dataset folder")
     c.add_argument("--episodes", type=int, required=True, help="episodes the dataset should hold in total")
     c.add_argument("--env", default="coinrun", help="Procgen game (default coinrun)")
-    c.add_argument("--policy", default="random", help="random | sticky | explorer | mixed (default random)")
+    c.add_argument("--policy", default="random", help="random | sticky | explorer | mixed | runner (default random)")
     c.add_argument("--start-level", type=int, default=0, help="first level seed (default 0)")
     c.add_argument("--num-levels", type=int, default=10_000, help="levels in the range (default 10000; 0: all 2^31)")
     c.add_argument("--max-steps", type=int, default=1000, help="cut episodes at this many steps (default 1000)")
@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--horizon", type=int, default=10, help="frames generated after the context (default 10)")
     _maskgit_arg(e)
     e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    e.add_argument(
+        "--long-play",
+        type=int,
+        default=500,
+        help="frames of the long play whose sharpness play.scroll reports (0: none)",
+    )
     _precision_arg(e, "evaluate")
     e.set_defaults(fn=commands.eval)
 

@@ -25,7 +25,7 @@ from procgenie.data.store import SPLITS, Dataset
 from procgenie.errors import UserError
 from procgenie.models import check_data
 from procgenie.nn.quantize import usage
-from procgenie.steering import held_keys, held_latents
+from procgenie.steering import held_keys, held_latents, scroll
 from procgenie.vocab import NUM_ACTIONS
 from procgenie.world import WorldModel
 
@@ -83,14 +83,15 @@ def evaluate(
     quiet: bool = False,
     precision: str = "auto",
     split: str = "test",
+    long_play: int = 500,
 ) -> dict:
     if context < 1 or horizon < 4:
         raise UserError(
             f"--context must be at least 1 and --horizon at least 4 (delta_psnr_t4 needs step 4), "
             f"got {context} and {horizon}"
         )
-    if episodes < 1:
-        raise UserError(f"--episodes must be at least 1, got {episodes}")
+    if episodes < 1 or long_play < 0:
+        raise UserError(f"--episodes must be at least 1 and --long-play 0 or more, got {episodes} and {long_play}")
     if split not in SPLITS:
         raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     if Path(out).exists() and not Path(out).is_dir():
@@ -210,7 +211,9 @@ def evaluate(
     if wm.action_kind == "latent":  # what each number key of play does, in every world
         dynamics["held_latents"], latent_rows = held_latents(wm, clips[:HELD_LATENT_CLIPS, :C], H, seed)
     play = (
-        None if gen_play is None else _play_block(wm, gen, gen_play, play_rand, clips, C, H, maskgit_steps, seed, last)
+        None
+        if gen_play is None
+        else _play_block(wm, gen, gen_play, play_rand, clips, C, H, maskgit_steps, seed, last, long_play)
     )
     result = {
         "data": {"episodes": K, "frames": int(K * (C + H)), "actions": ds.has_actions, "split": split},
@@ -253,13 +256,13 @@ def evaluate(
     return result
 
 
-def _play_block(wm, gen, gen_play, play_rand, clips, C: int, H: int, maskgit_steps, seed: int, last) -> dict:
+def _play_block(wm, gen, gen_play, play_rand, clips, C: int, H: int, maskgit_steps, seed: int, last, long_play) -> dict:
     """Figures of what a player gets: rollouts under play's keys for the clips' real keys (gen_play) and under
     random keys (play_rand), their camera motion (and that of `gen`, the rollouts under inferred latents), and
-    keys held from the start of Procgen test levels."""
+    keys held from the start of Procgen test levels, and CoinRun's moves (steering.scroll)."""
+    held = held_keys(wm, levels_for(clips), C, H, seed) if wm.procgen else None
     future, copy = clips[:, C:], np.repeat(clips[:, C - 1 : C], H, axis=1)
     psnr_play, psnr_play_rand = _per_step(M.psnr, gen_play, future), _per_step(M.psnr, play_rand, future)
-    levels = [20 * i for i in range(min(len(clips), HELD_KEY_LEVELS))]
     return {
         "action_kind": wm.play_kind,
         "maskgit_steps": wm.play_steps(maskgit_steps),
@@ -272,8 +275,15 @@ def _play_block(wm, gen, gen_play, play_rand, clips, C: int, H: int, maskgit_ste
         "motion_error_px": float(M.motion_error(gen_play, future, clips[:, C - 1]).mean()),
         "still_motion_error_px": float(M.motion_error(copy, future, clips[:, C - 1]).mean()),
         "inferred_motion_error_px": float(M.motion_error(gen, future, clips[:, C - 1]).mean()),
-        "held_keys": held_keys(wm, levels, C, H, seed) if wm.procgen else None,
+        "held_keys": held,
+        "scroll": scroll(wm, levels_for(clips), C, long_play, seed, held if H == 10 else None) if held else None,
     }
+
+
+def levels_for(clips: np.ndarray) -> list[int]:
+    """The Procgen test-split levels (seeds 0, 20, 40, ...) on which play's keys are held: one per clip, at most
+    HELD_KEY_LEVELS."""
+    return [20 * i for i in range(min(len(clips), HELD_KEY_LEVELS))]
 
 
 def _action_pairs(wm: WorldModel, ds: Dataset, seed: int, split: str, batches: int = 16) -> tuple[np.ndarray, ...]:

@@ -79,6 +79,14 @@ def frame_shift(a_BHWC: torch.Tensor, b_BHWC: torch.Tensor, max_shift: int = 6) 
     return torch.stack([dx, dy], -1).masked_fill(still[:, None], 0)
 
 
+def sharpness(frames: np.ndarray) -> np.ndarray:
+    """Mean image-gradient magnitude of uint8 frames (..., H, W, 3) -> (...): sqrt(gx^2 + gy^2) of the grey image
+    (forward differences, in levels of 0..255). A smeared texture has less of it than the real one."""
+    g = np.asarray(frames, np.float32).mean(-1)
+    gx, gy = np.diff(g, axis=-1)[..., :-1, :], np.diff(g, axis=-2)[..., :, :-1]
+    return np.sqrt(gx**2 + gy**2).mean((-2, -1))
+
+
 def camera_shift(a: np.ndarray, b: np.ndarray, max_shift: int = 6) -> np.ndarray:
     """The integer translation (dx, dy) in [-max_shift, max_shift]^2 that best maps frame a onto frame b: the
     least mean squared error of b[y, x] against a[y - dy, x - dx] over the overlap. uint8 (..., H, W, C) pairs ->

@@ -260,7 +260,21 @@ def print_summary(result: dict, out_dir: Path) -> None:
                 for k, v in play["held_keys"].items()
             )
         )
+    scroll = play and play.get("scroll")
+    if scroll:
+        moves = [
+            f"{k} {_share(v['ratio'])} ({v['levels_same_direction']}/{v['levels_moved']} same way)"
+            for k, v in scroll.items()
+            if k != "long_play"
+        ]
+        long = scroll["long_play"]
+        sharp = [] if long is None else [f"long play sharpness {long['ratio']:.0%} of real ({long['frames']} frames)"]
+        print("scroll (dream's shift / the level's): " + "; ".join(moves + sharp))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
+
+
+def _share(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def _num(x, digits: int = 2) -> str:

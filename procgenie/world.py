@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from procgenie import checkpoint as ckpt
 from procgenie.errors import UserError
@@ -216,21 +217,24 @@ class WorldModel:
         )
 
     @torch.no_grad()
-    def play(self, context, keys, seed: int | None = None, context_keys=None, steps: int | None = None) -> np.ndarray:
+    def play(
+        self, context, keys, seed: int | None = None, context_keys=None, steps: int | None = None, progress=None
+    ) -> np.ndarray:
         """What `procgenie play` shows for Procgen key presses: context uint8 (B, C, H, W, 3), keys int64 (B, H)
         of actions 0..14 (one per frame) -> uint8 (B, H, H, W, 3).
 
         The keys go to the dynamics model on real actions where the run has one, else each becomes the latent
         action that `latent_for_real_action` gives. context_keys (int (B, C-1)): the keys that led from one
         context frame to the next (play starts from frames under no-op); default unknown (a latent model infers
-        them from the frames). steps: MaskGIT rounds per frame, default play's own (`play_steps`)."""
+        them from the frames). steps: MaskGIT rounds per frame, default play's own (`play_steps`). progress: a
+        progress bar's label, for long rollouts."""
         ctx = _frames_in(context, self.image_size, "context")
         keys = self._actions_in(keys, "keys", NUM_ACTIONS, ctx.shape[0])
         if context_keys is not None:
             context_keys = self._context_in(context_keys, NUM_ACTIONS, ctx)
         if self.play_kind == "latent":
             keys = np.array([self.latent_for_real_action(a) for a in range(NUM_ACTIONS)])[keys]
-        return self._run(self.play_session(ctx.numpy(), context_keys, steps, seed), keys)
+        return self._run(self.play_session(ctx.numpy(), context_keys, steps, seed), keys, progress)
 
     @property
     def has_key_map(self) -> bool:
@@ -278,8 +282,9 @@ class WorldModel:
         return a
 
     @staticmethod
-    def _run(session: Session, actions: np.ndarray) -> np.ndarray:
-        out = [session.step(torch.from_numpy(actions[:, h])) for h in range(actions.shape[1])]
+    def _run(session: Session, actions: np.ndarray, progress=None) -> np.ndarray:
+        frames = tqdm(range(actions.shape[1]), desc=progress, disable=progress is None, leave=False, dynamic_ncols=True)
+        out = [session.step(torch.from_numpy(actions[:, h])) for h in frames]
         B, (S, _, ch) = actions.shape[0], session.frame_shape
         return np.stack(out, 1) if out else np.zeros((B, 0, S, S, ch), np.uint8)
 
