@@ -43,7 +43,7 @@ def test_readme_main_command_runs_end_to_end(tmp_path):
         if args[0] == "train":
             args += ["--set", "workers=0"]
         if args[0] == "eval":
-            args += ["--episodes", "4"]
+            args += ["--episodes", "4", "--long-play", "50"]  # play.scroll's long play: 50 frames, not 500
         subprocess.run(
             [sys.executable, "-m", "procgenie", *args], cwd=tmp_path, check=True, capture_output=True, timeout=900
         )

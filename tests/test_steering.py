@@ -59,10 +59,10 @@ def test_the_dream_scrolls_with_the_level_while_the_player_runs(scrolled, move):
 
 @pytest.mark.slow
 def test_long_play_keeps_the_level_textures(bundled):
-    """500 frames of explorer play on 4 test levels: over the last 100 the dream keeps a share of the real frames'
-    image gradients (measured: 49%, the model before it 69%; the issue's bar 80%): a floor against a dream that melts
-    into flat colour."""
-    r = long_play(bundled, [0, 20, 40, 60], context=4, frames=500)
+    """500 frames of explorer play on 2 test levels: over the last 100 the dream keeps a share of the real frames'
+    image gradients (measured on 4 levels: 49%, the model before it 69%; the issue's bar 80%): a floor against a
+    dream that melts into flat colour."""
+    r = long_play(bundled, [0, 20], context=4, frames=500)
     assert r["ratio"] >= RATIO["long_play"]
 
 
