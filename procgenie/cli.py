@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="dataset folder")
     c.add_argument("--episodes", type=int, required=True, help="episodes the dataset should hold in total")
     c.add_argument("--env", default="coinrun", help="Procgen game (default coinrun)")
-    c.add_argument("--policy", default="random", help="random | sticky | explorer | mixed | runner (default random)")
+    c.add_argument("--policy", default="random", help="random|sticky|explorer|mixed|runner|blend (default random)")
     c.add_argument("--start-level", type=int, default=0, help="first level seed (default 0)")
     c.add_argument("--num-levels", type=int, default=10_000, help="levels in the range (default 10000; 0: all 2^31)")
     c.add_argument("--max-steps", type=int, default=1000, help="cut episodes at this many steps (default 1000)")

@@ -117,6 +117,11 @@ class DynamicsConfig:
         "of each expected shift for the next frame, so a camera that starts slowly still moves",
     )
     warp_jitter: float = _f(0.25, "share of training frames whose prior is moved by a shift up to 1 px off (warp)")
+    warp_prior: str = _f(
+        "codes",
+        "warp: what the moved last frame gives the next frame: 'codes' (the tokenizer's codes of it: an encoder "
+        "pass per moving frame) or 'pixels' (its pixels per position through a linear layer: no encoder pass)",
+    )
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
     decode: str = _f(
         "sample",
@@ -127,6 +132,10 @@ class DynamicsConfig:
         1.0, "sampling temperature (0: greedy); decode='mean' samples only when a caller asks for a temperature"
     )
     seq_len: int = _f(16, "frames per training clip (and the longest context)")
+
+    def __post_init__(self):
+        if self.warp_prior not in ("codes", "pixels"):
+            raise UserError(f"dynamics warp_prior must be 'codes' or 'pixels', got {self.warp_prior!r:.40}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 
 from procgenie.errors import UserError
 from procgenie.metrics import frame_shift
-from procgenie.nn.warp import warped_prior
+from procgenie.nn.warp import next_prior
 
 if TYPE_CHECKING:
     from procgenie.world import WorldModel
@@ -79,7 +79,7 @@ class Session:
             prior = None
             if self.dyn.cfg.warp:  # the last frame moved by the camera's predicted shift
                 shift = self.dyn.next_shift(self.state, action_B)
-                prior = warped_prior(wm.tokenizer, self.last, shift, self.last_codes)
+                prior = next_prior(self.dyn, wm.tokenizer, self.last, shift, self.last_codes)
             codes = self.dyn.step(
                 self.state,
                 action_B,

@@ -200,3 +200,19 @@ def test_runner_holds_its_moves_and_runs_back_left():
         return (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).max(initial=0)
 
     assert max(longest(row) for row in acts) >= 20
+
+
+def test_blend_plays_each_episode_as_explorer_random_or_runner():
+    """`blend`: a third of the episodes each; a runner episode holds its moves, a random one flickers."""
+    from procgenie.data.policies import make_policy
+
+    pol = make_policy("blend", 300, seed=0)
+    kinds = np.bincount(pol.kind, minlength=3) / 300
+    assert (kinds > 0.25).all()  # explorer, random, runner
+    acts = np.stack([pol.act().copy() for _ in range(100)], 1)  # (300, 100)
+    changes = (acts[:, 1:] != acts[:, :-1]).mean(1)
+    assert changes[pol.kind == 2].mean() < 0.1 < 0.5 < changes[pol.kind == 1].mean()
+    assert 0.1 < changes[pol.kind == 0].mean() < 0.3  # explorer: sticky, 0.8 repeat
+    old = pol.kind.copy()
+    pol.reset(np.arange(300) < 150)  # new episodes draw their kind again
+    assert (pol.kind[150:] == old[150:]).all() and (pol.kind[:150] != old[:150]).any()

@@ -11,8 +11,18 @@ from conftest import run_cli, sh
 from test_models import make_dynamics
 
 from procgenie import WorldModel
+from procgenie.errors import UserError
 from procgenie.metrics import frame_shift
-from procgenie.nn.warp import MAX_SHIFT, SHIFTS, owed_shift, shift_frames, shifts_into, warped_prior
+from procgenie.nn.warp import (
+    MAX_SHIFT,
+    SHIFTS,
+    next_prior,
+    owed_shift,
+    pixel_patches,
+    shift_frames,
+    shifts_into,
+    warped_prior,
+)
 
 
 def texture(B=3, seed=0):
@@ -208,3 +218,57 @@ def test_a_frame_that_does_not_move_keeps_its_codes_and_only_the_moved_ones_are_
     assert tok.encoded == 1 and (prior[[0, 2]] == -1).all()
     assert torch.equal(prior[1], shift_frames(frames[1:2], shift[1:2])[0, 0, :4, 0].long()[:, None])
     assert torch.equal(warped_prior(tok, frames, shift), tok.encode(shift_frames(frames, shift)[:, None])[:, 0])
+
+
+def pixel_dynamics(**fields):
+    """A warp model whose prior is the moved last frame's pixels: 64 positions (8-px squares of 64-px frames)."""
+    torch.manual_seed(0)
+    from procgenie.config import DynamicsConfig
+    from procgenie.nn.dynamics import Dynamics
+
+    cfg = DynamicsConfig(width=32, depth=2, heads=2, seq_len=5, maskgit_steps=1, decode="mean", warp=True)
+    cfg.warp_prior = "pixels"
+    for k, v in fields.items():
+        setattr(cfg, k, v)
+    return Dynamics(cfg, vocab=50, positions=64, codes_per_position=1, num_actions=4, fsq_levels=(5, 10)).eval()
+
+
+def test_the_pixel_prior_gives_each_position_its_own_square_and_needs_no_encoder():
+    frames = torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 1, 8, 1, 1).expand(1, 1, 8, 8, 8, 8, 3)
+    patches = pixel_patches(frames.reshape(1, 1, 64, 64, 3), 64)  # square (h, w) holds the value 8h + w
+    assert patches.shape == (1, 1, 64, 8 * 8 * 3)
+    assert torch.equal(patches[0, 0], (torch.arange(64.0) / 127.5 - 1)[:, None].expand(64, 192))
+
+    class NoEncoder:
+        def encode(self, frames):
+            raise AssertionError("a pixel-prior model stepped through the tokenizer's encoder")
+
+    last, shift = texture(B=2), torch.tensor([[2, 0], [0, -1]])
+    assert torch.equal(next_prior(pixel_dynamics(), NoEncoder(), last, shift), shift_frames(last, shift))
+    with pytest.raises(UserError, match="warp_prior"):
+        from procgenie.config import DynamicsConfig
+
+        DynamicsConfig(warp_prior="pixel")
+
+
+@pytest.mark.parametrize("velocity", [False, True])
+def test_a_pixel_prior_model_generates_what_its_training_pass_predicts(velocity):
+    dyn = pixel_dynamics(warp_velocity=velocity, temperature=0.0)
+    for p in [dyn.shift_head.weight, dyn.prior_embed.weight] + ([dyn.velocity_embed.weight] if velocity else []):
+        torch.nn.init.normal_(p, std=0.5)
+    C, T = 2, dyn.cfg.seq_len
+    acts = torch.randint(0, 4, (1, T - 1))
+    priors = torch.stack([texture(B=1, seed=s)[0] for s in range(T - 1)])[None]  # (1, T-1, 64, 64, 3) pixels
+    frames = [torch.randint(0, 50, (1, C, 64, 1))]
+    state = dyn.start(frames[0], F.pad(acts[:, : C - 1], (1, 0), value=dyn.A))
+    for t in range(C, T):
+        dyn.next_shift(state, acts[:, t - 1])
+        frames.append(dyn.step(state, acts[:, t - 1], steps=1, prior=priors[:, t - 1])[:, None])
+    codes = torch.cat(frames, 1)
+    with torch.no_grad():
+        logits, _ = dyn.teacher_forced_logits(codes, acts, torch.ones(1, T - 1, 64, 1, dtype=torch.bool), priors)
+    assert torch.equal(codes[:, C:], dyn._pick(logits[:, C - 1 :].float(), "mean", 0.0, None)[0])
+    other = priors.flip(0).roll(8, 3)  # another prior changes the frames: the model reads it
+    with torch.no_grad():
+        moved, _ = dyn.teacher_forced_logits(codes, acts, torch.ones(1, T - 1, 64, 1, dtype=torch.bool), other)
+    assert not torch.allclose(logits, moved)

@@ -97,12 +97,31 @@ class RunnerPolicy(Policy):
         return self.last
 
 
+class BlendPolicy(RunnerPolicy):
+    """Each episode of each environment is played by `explorer`, `random` or `runner`, a third each: the
+    explorer's standing starts and short holds beside the runner's long runs, turns and holds against walls, in
+    every batch (a model trained on runner data alone learned that a held key often goes nowhere)."""
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        super().__init__(n, rng)
+        self.explorer = ExplorerPolicy(n, rng)
+        self.kind = rng.integers(0, 3, n)  # 0 explorer, 1 random, 2 runner
+
+    def reset(self, mask: np.ndarray) -> None:
+        self.kind[mask] = self.rng.integers(0, 3, int(mask.sum()))
+
+    def act(self) -> np.ndarray:
+        explore, run = self.explorer.act(), super().act()
+        return np.select([self.kind == 0, self.kind == 2], [explore, run], self.rng.integers(0, NUM_ACTIONS, self.n))
+
+
 POLICIES = {
     "random": RandomPolicy,
     "sticky": StickyPolicy,
     "explorer": ExplorerPolicy,
     "mixed": MixedPolicy,
     "runner": RunnerPolicy,
+    "blend": BlendPolicy,
 }
 
 

@@ -35,7 +35,7 @@ from procgenie.metrics import frame_shift
 from procgenie.nn.blocks import STTransformer, init_weights, window_mask
 from procgenie.nn.maskgit import pick
 from procgenie.nn.stage import StageModel
-from procgenie.nn.warp import SHIFTS, owed_shift, shift_classes, shifts_into, warped_prior
+from procgenie.nn.warp import PIXEL_PATCH, SHIFTS, next_prior, owed_shift, pixel_patches, shift_classes, shifts_into
 
 
 def two_stream_mask(T: int, device) -> torch.Tensor:
@@ -96,8 +96,11 @@ class Dynamics(StageModel):
         self.token_cond = cfg.action_cond == "token"
         self.transformer = STTransformer(D, cfg.depth, cfg.heads, positions + self.token_cond)
         self.head = nn.Linear(D, self.G * vocab)
-        if cfg.warp:  # the prior's codes (a table per slot), and the shift after a frame for each action, per axis
-            self.prior_embed = nn.Embedding(self.G * (vocab + 1), D)
+        self.pixels = cfg.warp and cfg.warp_prior == "pixels"  # the prior read from pixels, not from codes
+        if cfg.warp:  # the prior (a code table per slot, or a layer on pixels), the shift after a frame per action
+            self.prior_embed = (
+                nn.Linear(3 * PIXEL_PATCH**2, D) if self.pixels else nn.Embedding(self.G * (vocab + 1), D)
+            )
             self.shift_head = nn.Linear(D, (num_actions + 1) * 2 * SHIFTS)
         self.velocity = cfg.warp and cfg.warp_velocity  # the shift head sees the shift into the frame per axis
         if self.velocity:  # (class SHIFTS: unknown)
@@ -118,8 +121,9 @@ class Dynamics(StageModel):
         x = self.code_embed(codes_BTNG + self.slot).sum(-2)  # (B, T, N, D)
         if masked:
             x = x + self.target
-        if prior_BTNG is not None:
-            x = x + self.prior_embed(prior_BTNG + self.slot).sum(-2)
+        if prior_BTNG is not None:  # warp: the moved last frame's codes (B, T, N, G), or its pixels (B, T, H, W, C)
+            y = self.prior_embed(pixel_patches(prior_BTNG, self.N) if self.pixels else prior_BTNG + self.slot)
+            x = x + (y if self.pixels else y.sum(-2))
         a = self.action_embed(actions_BT)[:, :, None]  # (B, T, 1, D)
         return torch.cat([a, x], 2) if self.token_cond else x + a
 
@@ -132,9 +136,8 @@ class Dynamics(StageModel):
         warp_velocity: given the class (B, T, 2) of the shift into that frame (SHIFTS: unknown)."""
         pooled = h_BTND[:, :, -self.N :].mean(2)
         if self.velocity:
-            pooled = pooled + self.velocity_embed(last_BT2 + torch.tensor([0, SHIFTS + 1], device=pooled.device)).sum(
-                -2
-            )
+            off = torch.tensor([0, SHIFTS + 1], device=pooled.device)  # each axis its own classes
+            pooled = pooled + self.velocity_embed(last_BT2 + off).sum(-2)
         s = rearrange(self.shift_head(pooled), "b t (a k s) -> b t a k s", k=2, s=SHIFTS)
         return s.gather(2, actions_BT[:, :, None, None, None].expand(-1, -1, 1, 2, SHIFTS))[:, :, 0]
 
@@ -152,13 +155,12 @@ class Dynamics(StageModel):
         return self.code_loss(codes, actions, prior, shift)
 
     def _warp_targets(self, frames_BTHWC):
-        """warp: the priors (B, T-1, N, G) of frames 2..T and the real camera shifts (B, T-1, 2) into them."""
-        B, T = frames_BTHWC.shape[:2]
-        prev, nxt = frames_BTHWC[:, :-1].flatten(0, 1), frames_BTHWC[:, 1:].flatten(0, 1)  # (B*(T-1), H, W, C)
+        """warp: the priors (B, T-1, N, G; pixels) of frames 2..T and the real camera shifts (B, T-1, 2) into them."""
+        B, T, prev, nxt = *frames_BTHWC.shape[:2], frames_BTHWC[:, :-1].flatten(0, 1), frames_BTHWC[:, 1:].flatten(0, 1)
         shift = frame_shift(prev, nxt)  # the real camera's, what the shift head learns
         off = torch.randint(-1, 2, shift.shape, device=shift.device)  # the prior, sometimes a little off, as a
         jitter = torch.rand(shift.shape[0], 1, device=shift.device) < self.cfg.warp_jitter  # predicted one may be
-        prior = warped_prior(self._frozen.tokenizer, prev, shift + off * jitter)
+        prior = next_prior(self, self._frozen.tokenizer, prev, shift + off * jitter)
         return prior.unflatten(0, (B, T - 1)), shift.unflatten(0, (B, T - 1))
 
     def code_loss(self, codes, actions, prior=None, shift=None) -> tuple[torch.Tensor, dict]:

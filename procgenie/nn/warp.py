@@ -13,10 +13,14 @@ positive.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from einops import rearrange
 
 MAX_SHIFT = 6  # pixels a frame: CoinRun's fastest camera moves less (metrics.frame_shift's default range)
 SHIFTS = 2 * MAX_SHIFT + 1  # classes per axis
+PIXEL_PATCH = 8  # warp_prior='pixels': the side of the pixel square that each position of the prior reads
 
 
 def shift_frames(frames_BHWC: torch.Tensor, shift_B2: torch.Tensor) -> torch.Tensor:
@@ -64,3 +68,22 @@ def warped_prior(tokenizer, prev_BHWC: torch.Tensor, shift_B2: torch.Tensor, pre
     if moved.any():
         out[moved] = tokenizer.encode(shift_frames(prev_BHWC[moved], shift_B2[moved])[:, None])[:, 0]
     return out
+
+
+def pixel_patches(frames_BTHWC: torch.Tensor, positions: int) -> torch.Tensor:
+    """warp_prior='pixels': frames (uint8, B, T, H, W, C) -> each position's pixels (B, T, N, PIXEL_PATCH^2 C) in
+    [-1, 1], in the tokenizer's raster order of positions."""
+    side = math.isqrt(positions)
+    if frames_BTHWC.shape[-2] != side * PIXEL_PATCH:
+        raise ValueError(f"warp_prior='pixels' reads {PIXEL_PATCH}-px squares of {side * PIXEL_PATCH}-px frames")
+    x = rearrange(frames_BTHWC, "b t (h p) (w q) c -> b t (h w) (p q c)", h=side, w=side)
+    return x.float() / 127.5 - 1
+
+
+@torch.no_grad()
+def next_prior(dyn, tokenizer, last_BHWC: torch.Tensor, shift_B2: torch.Tensor, last_codes=None) -> torch.Tensor:
+    """What a warp dynamics model steps on: the last frames (uint8, B, H, W, C) moved by their shifts (B, 2), as
+    pixels (warp_prior='pixels', no encoder pass) or as the tokenizer's codes (B, N, G) of them (warped_prior)."""
+    if dyn.cfg.warp_prior == "pixels":
+        return shift_frames(last_BHWC, shift_B2)
+    return warped_prior(tokenizer, last_BHWC, shift_B2, last_codes)
