@@ -430,24 +430,24 @@ def _full_disk_on(monkeypatch, call: int, seen: dict):
     monkeypatch.setattr(ckpt, "save_file", save_file)
 
 
+def _full_disk_args(data: Path) -> list[str]:
+    """A 15-step tokenizer run that checkpoints every 5 steps (without its --run)."""
+    return sh(f"train tokenizer --data {data} --preset tiny --steps 15 --set workers=0 ckpt_every=5")
+
+
+@pytest.fixture(scope="module")
+def unbroken(coinrun_data, tmp_path_factory) -> Path:
+    """The run that never failed, which every full-disk run must end at: trained once for all of them."""
+    run = tmp_path_factory.mktemp("unbroken") / "run"
+    assert main([*_full_disk_args(coinrun_data), "--run", str(run)]) == 0
+    return run
+
+
 @pytest.mark.parametrize("call", [3, 4])  # checkpoint of step 10: its weights (3rd file), its trainer state (4th)
 def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(
-    capsys, monkeypatch, coinrun_data, tmp_path, call
+    capsys, monkeypatch, coinrun_data, unbroken, tmp_path, call
 ):
-    args = [
-        "train",
-        "tokenizer",
-        "--data",
-        str(coinrun_data),
-        "--preset",
-        "tiny",
-        "--steps",
-        "15",
-        "--set",
-        "workers=0",
-        "ckpt_every=5",
-    ]
-    assert main([*args, "--run", str(tmp_path / "unbroken")]) == 0
+    args = _full_disk_args(coinrun_data)
     seen: dict[str, bytes] = {}
     with monkeypatch.context() as m:
         _full_disk_on(m, call, seen)
@@ -465,7 +465,7 @@ def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(
     # space freed: the same command finishes, to the weights of a run that never failed
     assert main([*args, "--run", str(tmp_path / "run")]) == 0
     a = load_file(str(stage / "model.safetensors"))
-    b = load_file(str(tmp_path / "unbroken/tokenizer/model.safetensors"))
+    b = load_file(str(unbroken / "tokenizer" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 

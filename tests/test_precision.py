@@ -121,6 +121,7 @@ def test_train_eval_and_dream_record_the_precision(coinrun_data, tmp_path):
         )
     run_cli(
         *sh(f"eval --checkpoint {run} --data {coinrun_data} --out {report} --episodes 2 --precision fp32"),
+        *sh("--long-play 50"),  # play.scroll's long play: 50 frames, not 500 (its figure is not asserted here)
     )
     assert json.loads((report / "metrics.json").read_text())["run"]["precision"] == "fp32"
     said = run_cli(*sh(f"dream --checkpoint {run} --out {gif} --steps 2 --precision bf16")).stdout

@@ -47,9 +47,10 @@ sys.exit(main(sys.argv[4:]))
 """
 
 # precision fixed: the unbroken reference is another process, and `auto` is timed in each (a resumed run keeps its
-# own run's precision: test_train.py)
+# own run's precision: test_train.py). STEPS: four checkpoints, 5 steps apart, the last at the end.
+STEPS = 20
 TRAIN = [
-    *("--preset", "tiny", "--steps", "40", "--set", "workers=0", "ckpt_every=5", "log_every=1"),
+    *("--preset", "tiny", "--steps", str(STEPS), "--set", "workers=0", "ckpt_every=5", "log_every=1"),
     *("deterministic=true", "precision=fp32"),
 ]
 
@@ -97,7 +98,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(x[k], y[k]), f"{k} differs from the unbroken run's"
 
 
-def assert_finished_cleanly(stage_dir: Path, steps: int = 40) -> None:
+def assert_finished_cleanly(stage_dir: Path, steps: int = STEPS) -> None:
     """The resumed stage: at the last step, no temporary file left, every step logged exactly once."""
     with safe_open(str(stage_dir / "state.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["json"])["step"] == steps
@@ -124,11 +125,11 @@ def without_dynamics(reference: Path, to: Path) -> Path:
 
 TOKENIZER_KILLS = [
     ("log", 3),
-    ("log", 36),  # from outside, mid-training
-    ("torn", "model.safetensors", 4),  # step 20: mid-write of the weights
-    ("after", "model.safetensors", 8),  # step 40: final weights in place, the state still at 35
-    ("after", "state.safetensors", 8),  # step 40, all written (with the state written first, the
-    # weights stayed at step 35 for good: "already trained")
+    ("log", 16),  # from outside, mid-training
+    ("torn", "model.safetensors", 2),  # step 10: mid-write of the weights
+    ("after", "model.safetensors", 4),  # step 20: final weights in place, the state still at 15
+    ("after", "state.safetensors", 4),  # step 20, all written (with the state written first, the
+    # weights stayed at step 15 for good: "already trained")
     ("torn", "config.json", 1),  # before any step: the config half-written
 ]
 
@@ -185,13 +186,13 @@ def test_a_signal_checkpoints_the_step_in_flight_and_the_rerun_ends_at_the_unbro
     ), err[-2000:]
     with safe_open(str(run / "tokenizer" / "state.safetensors"), "pt") as f:
         step = json.loads(f.metadata()["json"])["step"]
-    assert 3 <= step < 40 and f"at step {step} of 40" in said  # the step in flight, not the last 5-step save
+    assert 3 <= step < STEPS and f"at step {step} of {STEPS}" in said  # the step in flight, not the last 5-step save
     run_cli(*args)
     assert_same_weights(run / "tokenizer" / "model.safetensors", reference / "tokenizer" / "model.safetensors")
     assert_finished_cleanly(run / "tokenizer")
 
 
-DYNAMICS_KILLS = [("log", 9), ("torn", "state.safetensors", 3), ("before", "state.safetensors", 8)]
+DYNAMICS_KILLS = [("log", 9), ("torn", "state.safetensors", 3), ("before", "state.safetensors", 4)]  # 4: the last
 
 
 @pytest.mark.slow
@@ -227,13 +228,16 @@ def test_train_all_killed_in_the_lam_stage_resumes_every_stage_exactly(reference
 # -- collection --------------------------------------------------------------------------------
 
 
+EPISODES = 60  # about 3,600 frames in some 20 shards: every kill below lands with most of them still to come
+
+
 def collect_args(out: Path, workers: int = 1) -> list[str]:
     return [
         "collect",
         "--out",
         str(out),
         "--episodes",
-        "120",
+        str(EPISODES),
         "--policy",
         "random",
         "--max-steps",
@@ -300,7 +304,7 @@ def test_collect_killed_resumes_without_losing_or_doubling_episodes(tmp_path, ki
     else:
         kill_inside(args, *kill)
     before = recorded(out)
-    assert sum(s["episodes"] for s in before) < 120
+    assert sum(s["episodes"] for s in before) < EPISODES
     if kill[0] == "workers":  # they notice that the main process is gone and stop: no shard written after
         if not Path("/proc/self/task").exists():
             pytest.skip("finding the worker processes needs Linux's /proc")
@@ -314,7 +318,7 @@ def test_collect_killed_resumes_without_losing_or_doubling_episodes(tmp_path, ki
     assert run_cli("data", "validate", str(out)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"][: len(before)] == before  # what was counted stays, unchanged
-    assert sum(s["episodes"] for s in manifest["shards"]) == 120  # nothing lost, nothing twice
+    assert sum(s["episodes"] for s in manifest["shards"]) == EPISODES  # nothing lost, nothing twice
     names = [s["name"] for s in manifest["shards"]]
     assert len(set(names)) == len(names)
     on_disk = sorted(p.name for p in (out / "shards").iterdir())
@@ -376,9 +380,11 @@ def test_a_signal_stops_collect_with_every_finished_episode_written(tmp_path, wo
     assert proc.returncode == 128 + sig, err[-2000:]
     said = err.strip().splitlines()[-1]
     have = sum(s["episodes"] for s in recorded(out))
-    assert said.startswith(f"procgenie collect: stopped by {signal.Signals(sig).name} with {have} of 120 episodes")
-    assert 0 < have < 120 and not list(out.glob(".*.tmp"))
+    assert said.startswith(
+        f"procgenie collect: stopped by {signal.Signals(sig).name} with {have} of {EPISODES} episodes"
+    )
+    assert 0 < have < EPISODES and not list(out.glob(".*.tmp"))
     run_cli(*args)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sum(s["episodes"] for s in manifest["shards"]) == 120  # nothing lost, nothing twice
+    assert sum(s["episodes"] for s in manifest["shards"]) == EPISODES  # nothing lost, nothing twice
     assert run_cli("data", "validate", str(out)).returncode == 0

@@ -150,7 +150,10 @@ def test_a_warp_world_model_trains_evaluates_and_plays_through_the_command_line(
     assert out.shape == (1, 3, 64, 64, 3) and len(seen) == 3  # one predicted shift per generated frame
     assert all(s.shape == (1, 2) and s.abs().max() <= MAX_SHIFT for s in seen)
     out_dir = tmp_path / "report"
-    run_cli(*sh(f"eval --checkpoint {run} --data {coinrun_data} --out {out_dir} --episodes 2 --context 2 --horizon 4"))
+    run_cli(
+        *sh(f"eval --checkpoint {run} --data {coinrun_data} --out {out_dir} --episodes 2 --context 2 --horizon 4"),
+        *sh("--long-play 50"),  # play.scroll's long play: 50 frames, not 500 (its figure is not asserted here)
+    )
     m = json.loads((out_dir / "metrics.json").read_text())
     assert len(m["dynamics"]["psnr_by_step"]) == 4 and all(np.isfinite(m["dynamics"]["psnr_by_step"]))
 

@@ -129,10 +129,16 @@ SPEC = {
 }
 
 
+# play.scroll's long play runs for 50 frames, not eval's 500: no test here reads its figure (tests/test_steering.py
+# asserts the bundled model's over 500), and on the tiny run the other 450 frames cost seconds per eval.
+LONG_PLAY = ("--long-play", "50")
+
+
 def test_eval_writes_every_spec_field_and_a_report(tiny_run, coinrun_data, tmp_path):
     out = tmp_path / "eval"
     run_cli(
         *sh(f"eval --checkpoint {tiny_run} --data {coinrun_data} --out {out} --episodes 4 --context 2 --horizon 4"),
+        *LONG_PLAY,
     )
     m = json.loads((out / "metrics.json").read_text())
     for section, fields in SPEC.items():
@@ -179,6 +185,7 @@ def test_eval_context_1_scores_the_real_action_model_in_play(both_run, coinrun_d
     out = tmp_path / "eval1"
     run_cli(
         *sh(f"eval --checkpoint {both_run} --data {coinrun_data} --out {out} --episodes 3 --context 1 --horizon 4"),
+        *LONG_PLAY,
     )
     m = json.loads((out / "metrics.json").read_text())
     assert m["dynamics"]["context"] == 1 and m["play"]["action_kind"] == "real"
