@@ -16,10 +16,17 @@ def test_patchify_round_trips():
 
 
 def test_manual_attention_matches_sdpa():
+    """Training on a CPU takes the plain matmuls, inference (no gradients) SDPA: the same attention either way."""
     q, k, v = torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16)
-    for causal in (False, True):
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        assert torch.allclose(attend(q, k, v, causal=causal), ref, atol=1e-5)
+    mask = torch.rand(5, 5) < 0.7
+    mask[:, 0] = True  # every query attends something
+    for kw in ({"causal": False}, {"causal": True}, {"mask": mask}):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=kw.get("mask"), is_causal=kw.get("causal", False)
+        )
+        assert torch.allclose(attend(q, k, v, **kw), ref, atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(attend(q, k, v, **kw), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("t", [0, 1, 2])
@@ -35,16 +42,22 @@ def test_temporal_attention_is_causal(t):
     assert not torch.allclose(y[:, t + 1], y2[:, t + 1])
 
 
-def test_kv_cache_gives_the_same_frames_as_a_full_pass():
+@pytest.mark.parametrize("grad", [True, False])  # training's attention and inference's (SDPA, one frame unmasked)
+def test_kv_cache_gives_the_same_frames_as_a_full_pass(grad):
     torch.manual_seed(0)
     m = STTransformer(32, 2, 2, tokens=6).eval()
     x = torch.randn(1, 7, 6, 32)
     full = m(x, tmask=window_mask(7, 4, x.device))  # a 4-frame window, as a cache of 3 keeps
     caches = m.new_caches(max_len=3)
-    out = [m(x[:, :2], pos=torch.arange(2), caches=caches, commit=True)]
-    for t in range(2, 7):
-        out.append(m(x[:, t : t + 1], pos=torch.tensor([t]), caches=caches, commit=True))
+    with torch.set_grad_enabled(grad):
+        out = [m(x[:, :2], pos=torch.arange(2), caches=caches, commit=True)]
+        for t in range(2, 7):
+            pos = torch.tensor([t])
+            look = m(x[:, t : t + 1], pos=pos, caches=caches)  # attends, leaves the cache as it was (MaskGIT's rounds)
+            out.append(m(x[:, t : t + 1], pos=pos, caches=caches, commit=True))
+            assert torch.equal(look, out[-1])
     assert torch.allclose(torch.cat(out, 1), full, atol=1e-5)
+    assert caches[0].pos.tolist() == [4, 5, 6] and caches[0].k.shape[2] == 3
 
 
 def test_fsq_codes_round_trip_and_cover_the_codebook():

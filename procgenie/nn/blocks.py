@@ -30,14 +30,17 @@ def unpatchify(x_BTNP: torch.Tensor, p: int, side: int) -> torch.Tensor:
 
 
 def rotary(pos: torch.Tensor, dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (len(pos), dim/2) for rotary embeddings at integer positions `pos`."""
+    """Rotary tables (len(pos), dim) at integer positions `pos`: the cosines of each pair's angle, twice, and
+    its sines, negated for the first half (the form apply_rotary takes in four element-wise operations)."""
     inv = base ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
     ang = pos.float()[:, None] * inv[None]
-    return ang.cos(), ang.sin()
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x (..., L, K) by position; cos, sin are (L, K/2).
+    """Rotate pairs of channels (i, i + K/2) of x (..., L, K) by position; cos, sin are rotary's (L, K):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with the halves swapped by a roll.
 
     On a GPU in x's own dtype (bf16 under autocast): there these element-wise passes over q and k are
     memory-bound, and in float32 they moved three times the bytes. On a CPU in float32, as the bundled
@@ -48,20 +51,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         cos, sin = cos.to(dtype), sin.to(dtype)
     else:
         x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(dtype)
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(dtype)
 
 
 def attend(q, k, v, mask=None, causal=False):
     """softmax(q k^T / sqrt(K)) v over (..., L, K) with an optional bool mask (True = may attend).
 
     Long sequences go to scaled_dot_product_attention (flash kernels). Short ones, the many tiny
-    sequences of an ST-transformer (64 positions, or 16 frames), run as plain matmuls on CPUs, where
-    they are several times faster forward and backward, and under torch.compile on GPUs, which fuses
-    the mask and softmax (docs/benchmarks.md). Eager GPU code keeps the single SDPA kernel.
+    sequences of an ST-transformer (64 positions, or 16 frames), run as plain matmuls on CPUs in training,
+    where they are several times faster forward and backward, and under torch.compile on GPUs, which fuses
+    the mask and softmax (docs/benchmarks.md). Eager GPU code and inference (no gradients: play, eval) keep
+    the single SDPA kernel, which is faster there (spatial attention of one frame 62 against 109 us, the
+    temporal attention of play's new frame 123 against 181 us, on a 2-core CPU).
     """
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if Lq * Lk > 128 * 128 or (q.is_cuda and not torch.compiler.is_compiling()):
+    sdpa = (q.is_cuda and not torch.compiler.is_compiling()) or not torch.is_grad_enabled()
+    if Lq * Lk > 128 * 128 or sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     a = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is None and causal:
@@ -110,16 +115,21 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x_BLD), "b l (three h k) -> three b h l k", three=3, h=self.heads)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        L = q.shape[2]
         if cache is not None and cache.k is not None:
-            # New frames attend every cached frame, and each other causally.
-            L, S = q.shape[2], cache.k.shape[2]
+            # New frames attend every cached frame, and each other causally (one new frame: all of them).
+            S = cache.k.shape[2]
             kk, vv = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
-            mask = torch.ones(L, S + L, dtype=torch.bool, device=q.device).tril(S)
+            mask = None if L == 1 else torch.ones(L, S + L, dtype=torch.bool, device=q.device).tril(S)
             y = attend(q, kk, vv, mask=mask)
+            if commit is True:  # every new frame joins: the cache is what was just attended
+                cache.k, cache.v, cache.pos = kk, vv, torch.cat([cache.pos, pos])
+                cache.keep_last(cache.max_len)
+                commit = False
         else:
             y = attend(q, k, v, mask=mask, causal=causal)
         if cache is not None and commit:
-            n = k.shape[2] if commit is True else commit
+            n = L if commit is True else commit
             cache.extend(k[:, :, :n], v[:, :, :n], pos[:n])
         return self.proj(rearrange(y, "b h l k -> b l (h k)"))
 

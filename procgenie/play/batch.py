@@ -62,7 +62,7 @@ def rebase(session: Session, t: int) -> None:
         return
     for cache in _caches([session.state.caches, session.dec_caches]):
         if cache.k is not None:
-            cos, sin = rotary(torch.tensor([d], device=cache.k.device), cache.k.shape[-1])  # (1, K/2)
+            cos, sin = rotary(torch.tensor([d], device=cache.k.device), cache.k.shape[-1])  # (1, K) each
             cache.k, cache.pos = apply_rotary(cache.k, cos, sin), cache.pos + d
     session.state.t = t
 
