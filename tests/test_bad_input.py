@@ -13,6 +13,7 @@ import errno
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -502,6 +503,9 @@ def test_a_full_disk_while_collecting_loses_nothing_recorded(capsys, monkeypatch
         and last.startswith("procgenie collect: error: disk full while writing ")
         and "free some space and rerun the same command" in last
     ), last
+    files = sorted(p.name for p in (out / "shards").iterdir())
+    time.sleep(1)  # no write queued behind the failed one goes on after the command returned (a rerun may start)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == files
     recorded = json.loads((out / "manifest.json").read_text())["shards"]
     assert len(recorded) == 2
     assert main(["data", "validate", str(out)]) == 0

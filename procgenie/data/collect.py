@@ -88,27 +88,31 @@ def _worker(args: dict, worker: int, session: int, quota: int, send, stop: StopS
         while writes and (writes[0].done() or done == quota or wait):
             send(("shard", writes.pop(0).result()))  # in order, so the manifest grows in order
 
-    while done < quota:
-        if stop.signum is not None:
-            flush(store.SPLITS, wait=True)
-            break
-        live = ~skip
-        frames[rows[live], length[live]] = obs["rgb"][live]  # the frames the actions are taken at
-        act = policy.act()
-        actions[rows, np.minimum(length, max_steps - 1)] = act
-        env.act(act)
-        rew, obs, first = env.observe()  # outcome of `act`; first: a new episode began
-        rewards[rows, np.minimum(length, max_steps - 1)] = rew
-        length[live] += 1
-        for i in np.flatnonzero((length >= max_steps) & ~first & live):
-            finish(i, truncated=True)
-            skip[i] = True
-        if first.any():
-            for i in np.flatnonzero(first & ~skip):
-                finish(i, truncated=False)
-            level[first] = [info["level_seed"] for info, f in zip(env.get_info(), first) if f]
-            length[first], skip[first] = 0, False
-            policy.reset(first)
+    try:
+        while done < quota:
+            if stop.signum is not None:
+                flush(store.SPLITS, wait=True)
+                break
+            live = ~skip
+            frames[rows[live], length[live]] = obs["rgb"][live]  # the frames the actions are taken at
+            act = policy.act()
+            actions[rows, np.minimum(length, max_steps - 1)] = act
+            env.act(act)
+            rew, obs, first = env.observe()  # outcome of `act`; first: a new episode began
+            rewards[rows, np.minimum(length, max_steps - 1)] = rew
+            length[live] += 1
+            for i in np.flatnonzero((length >= max_steps) & ~first & live):
+                finish(i, truncated=True)
+                skip[i] = True
+            if first.any():
+                for i in np.flatnonzero(first & ~skip):
+                    finish(i, truncated=False)
+                level[first] = [info["level_seed"] for info, f in zip(env.get_info(), first) if f]
+                length[first], skip[first] = 0, False
+                policy.reset(first)
+    except BaseException:  # a failed write (a full disk): the writes queued after it stop, none lands after this
+        writer.shutdown(wait=True, cancel_futures=True)
+        raise
     writer.shutdown(wait=True)
     for w in writes:
         send(("shard", w.result()))

@@ -45,7 +45,7 @@ def remove_orphans(root: Path, manifest: dict) -> int:
         stem = path.name.split(".")[0]
         half_written = path.name.startswith(".") and path.name.endswith(".tmp")
         if half_written or (store.SHARD_NAME.match(stem) and stem not in known):
-            path.unlink()
+            path.unlink(missing_ok=True)
             removed += 1
     return removed
 
