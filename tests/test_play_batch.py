@@ -96,3 +96,35 @@ def test_number_keys_say_what_the_model_takes(tiny_run, both_run):
     with pytest.raises(BadMessage, match="not latent actions"):
         parse('{"type": "input", "latent": 1}', hub.num_keys)
     hub.executor.shutdown()
+
+
+# The server's way: load_hub, then a level opened and stepped on the model thread, in a fresh process (this one's
+# main thread has computed already). Prints the process's voluntary context switches per frame.
+SWITCHES = """
+import resource, torch
+from procgenie.play.hub import load_hub
+from procgenie.vocab import MOVES
+hub = load_hub(None, level=0)
+def frames():
+    _, _, session = hub.open(0, 0)
+    right = torch.tensor([MOVES.index("right")])
+    for _ in range(5):
+        session.step(right)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    for _ in range(10):
+        session.step(right)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before) / 10
+print(hub.executor.submit(frames).result())
+hub.executor.shutdown()
+"""
+
+
+def test_the_model_thread_computes_without_waking_threads_at_every_operation():
+    """All of the server's model work, loading included, runs on one thread: when the main thread computed too, GNU
+    OpenMP's two thread teams outnumbered 2 cores and slept between operations (390 context switches a frame of the
+    bundled model, against 0 to 3; play twice as slow)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SWITCHES], capture_output=True, text=True, timeout=300, check=True)
+    assert float(out.stdout.split()[-1]) < 40, out.stdout

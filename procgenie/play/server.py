@@ -38,7 +38,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from procgenie.errors import UserError
 from procgenie.play.game import KIND_FRAME, KIND_GIF, Player  # noqa: F401
 from procgenie.play.gate import BURST, HOSTS, MAX_RATE, Bucket, Socket, allowed_hosts, check_host, peer
-from procgenie.play.hub import FPS, MAX_SESSIONS, Hub
+from procgenie.play.hub import FPS, MAX_SESSIONS, Hub, load_hub
 from procgenie.play.protocol import MAX_MESSAGE, BadMessage
 from procgenie.vocab import key_action as real_action  # noqa: F401  (the tests' and the page's name for it)
 
@@ -160,8 +160,6 @@ def serve(
 ) -> None:
     """Serve the play page until Ctrl-C. data: for a world learned from recordings, the dataset to start from.
     allow_hosts: Host names to answer beside the loopback ones and the bound address (gate.allowed_hosts)."""
-    from procgenie.world import WorldModel
-
     if level is not None and not 0 <= level < 2**31 - 1:
         raise UserError(f"--start-level must lie in 0..{2**31 - 2}, got {level}")
     if not 0 < fps <= 1000 or max_sessions < 1:
@@ -171,8 +169,14 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="procgenie play: %(message)s", stream=sys.stderr)
     sock = listen(host, port)  # first: a busy port fails at once, before the model loads
     try:
-        hub = Hub(
-            WorldModel.from_pretrained(checkpoint, precision=precision), maskgit_steps, level, fps, max_sessions, data
+        hub = load_hub(
+            checkpoint,
+            precision,
+            maskgit_steps=maskgit_steps,
+            level=level,
+            fps=fps,
+            max_sessions=max_sessions,
+            data=data,
         )
     except BaseException:
         sock.close()
