@@ -255,7 +255,9 @@ def print_summary(result: dict, out_dir: Path) -> None:
         print(
             "held keys (camera shift, dream / real, same direction): "
             + "; ".join(
-                f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
+                f"{k} no level played through"
+                if not v["levels_compared"]
+                else f"{k} {v['dream_shift_px']:+.1f} / {v['real_shift_px']:+.1f} px, "
                 + ("level never moved" if v["same_direction"] is None else f"{v['same_direction']:.0%}")
                 for k, v in play["held_keys"].items()
             )
@@ -263,9 +265,10 @@ def print_summary(result: dict, out_dir: Path) -> None:
     scroll = play and play.get("scroll")
     if scroll:
         moves = [
-            f"{k} {_share(v['ratio'])} ({v['levels_same_direction']}/{v['levels_moved']} same way)"
+            f"{k} {_share(v['ratio'])} ({v['levels_same_direction']}/{v['levels_moved']} same way, "
+            f"{v['levels_compared']} levels played through)"
             for k, v in scroll.items()
-            if k != "long_play"
+            if k != "long_play" and v is not None
         ]
         long = scroll["long_play"]
         sharp = [] if long is None else [f"long play sharpness {long['ratio']:.0%} of real ({long['frames']} frames)"]

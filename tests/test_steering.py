@@ -1,16 +1,15 @@
 """What a player gets from the bundled model: held keys move the dream as they move the real level.
 
-The scroll bounds are the issue's bar, 70% of the level's shift (docs/bundled.md, *Trained on a GPU*: the bundled
-model measured standing right 97%, right+up 114%, running right 94%, left after running 253%; the model before it
-53, 60, 54 and 53%, so each fails on it).
-"""
+The scroll bounds are the issue's bar, 70% of the level's shift (docs/bundled.md, *Trained on a GPU*: on 16 levels
+that the real player plays through, the bundled model measured standing right 97%, right+up 107%, running right 87%,
+left after running 75%; the model before it 53, 57, 42 and 15%, so each fails on it)."""
 
 import numpy as np
 import pytest
 
 from procgenie import WorldModel
 from procgenie.metrics import camera_shift
-from procgenie.steering import long_play, scroll
+from procgenie.steering import RUN, long_play, played_through, real_run, scroll
 from procgenie.vocab import RIGHT, start_frames
 
 
@@ -51,10 +50,22 @@ def test_a_held_jump_scrolls_the_dream_down_as_it_scrolls_the_level(scrolled):
 @pytest.mark.slow
 @pytest.mark.parametrize("move", ["right_up", "running_right", "left_after_running"])
 def test_the_dream_scrolls_with_the_level_while_the_player_runs(scrolled, move):
-    """Right+up for 2 s, then right held, then left: each part's horizontal shift, dream against the level's."""
+    """Right+up for 2 s, then right held, then left: each part's horizontal shift, dream against the level's, on 16
+    levels where the real episode goes on throughout (a level that ends restarts at its left wall, where a held left
+    moves nothing: the dream, which knows nothing of the restart, looked 2.5 times too fast)."""
     r = scrolled[move]
+    assert r["levels_compared"] == 16 and r["levels_moved"] >= 12
     assert r["ratio"] is not None and r["ratio"] >= RATIO[move]
-    assert r["levels_same_direction"] >= r["levels_moved"] // 2
+    assert r["levels_same_direction"] >= r["levels_moved"] - 2
+
+
+def test_the_run_is_measured_on_levels_the_real_player_plays_through():
+    keys = np.concatenate([np.full(n, key) for _, key, n, _ in RUN])
+    levels = played_through("coinrun", 4, keys, 3)
+    assert len(levels) == 3 and all(level % 20 == 0 for level in levels)  # test-split levels
+    assert all(not real_run("coinrun", level, 4, keys)[2].any() for level in levels)
+    skipped = [level for level in range(0, levels[-1], 20) if level not in levels]
+    assert skipped and all(real_run("coinrun", level, 4, keys)[2].any() for level in skipped)
 
 
 @pytest.mark.slow
