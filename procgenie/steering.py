@@ -109,11 +109,12 @@ def scroll(wm, levels: list[int], context: int, long_frames: int = 500, seed: in
     if not run_levels:  # a game whose levels all end sooner
         return out | {name: None for name, *_ in RUN} | {"long_play": None}
     last, real, dream, new = drive(wm, run_levels, context, np.tile(keys, (len(run_levels), 1)), seed)
+    played = ~new.any(1)  # all of them: played_through chose them so
     begin = 0
-    for name, _, n, axis in RUN:  # each part from the frame the last one left off at, on the levels still played
+    for name, _, n, axis in RUN:  # each part from the frame the last one left off at
         r = total_shift(real[:, begin - 1] if begin else last, real[:, begin : begin + n])
         d = total_shift(dream[:, begin - 1] if begin else last, dream[:, begin : begin + n])
-        out[name] = _compare(r[:, axis], d[:, axis], ~new[:, : begin + n].any(1)) | {"levels": run_levels}
+        out[name] = _compare(r[:, axis], d[:, axis], played) | {"levels": run_levels}
         begin += n
     return out | {"long_play": long_play(wm, levels, context, long_frames, seed) if long_frames else None}
 

@@ -91,12 +91,16 @@ class KVCache:
             start = max(0, self.k.shape[2] - n)
             self.k, self.v, self.pos = self.k[:, :, start:], self.v[:, :, start:], self.pos[start:]
 
-    def extend(self, k, v, pos) -> None:
+    def append(self, k, v, pos) -> None:
+        """Add frames' keys and values (B*N, H, L, K) at positions (L,), keeping every frame for now."""
         if self.k is None:
             self.k, self.v, self.pos = k, v, pos
         else:
             self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
             self.pos = torch.cat([self.pos, pos])
+
+    def extend(self, k, v, pos) -> None:
+        self.append(k, v, pos)
         self.keep_last(self.max_len)
 
 
@@ -119,13 +123,14 @@ class Attention(nn.Module):
         if cache is not None and cache.k is not None:
             # New frames attend every cached frame, and each other causally (one new frame: all of them).
             S = cache.k.shape[2]
-            kk, vv = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
             mask = None if L == 1 else torch.ones(L, S + L, dtype=torch.bool, device=q.device).tril(S)
-            y = attend(q, kk, vv, mask=mask)
-            if commit is True:  # every new frame joins: the cache is what was just attended
-                cache.k, cache.v, cache.pos = kk, vv, torch.cat([cache.pos, pos])
+            if commit is True:  # every new frame joins: the cache, grown by them, is what they attend
+                cache.append(k, v, pos)
+                y = attend(q, cache.k, cache.v, mask=mask)
                 cache.keep_last(cache.max_len)
                 commit = False
+            else:
+                y = attend(q, torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2), mask=mask)
         else:
             y = attend(q, k, v, mask=mask, causal=causal)
         if cache is not None and commit:
