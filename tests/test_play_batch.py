@@ -32,34 +32,48 @@ def _sessions(wm, dynamics, n: int, temperature=None) -> list[Session]:
 
 
 def _check_batched_equals_alone(wm, dynamics, temperature=None, frames: int = 8):
+    """Three sessions stepped tick after tick by one `Together`, as the hub does, against each stepped alone; at
+    the fifth tick from the end the last one sits out (paused), and before the second from the end one takes a step
+    on its own: the group must not step a stale stacked state."""
     together = _sessions(wm, dynamics, 3, temperature)
     alone = copy.deepcopy(together)
+    ticker = batch.Together()
     rng = np.random.default_rng(1)
-    calls = []
-    for _ in range(frames):
-        actions = [torch.tensor([int(a)]) for a in rng.integers(0, dynamics.A, len(together))]
-        want = [s.step(a) for s, a in zip(alone, actions)]
-        before = Session.step.calls
-        got = batch.step_together(together, actions)
+    calls, stacks = [], []
+    for tick in range(frames):
+        due = [0, 1] if tick == frames - 5 else [0, 1, 2]
+        if tick == frames - 2:
+            for s in (together[1], alone[1]):
+                s.step(torch.tensor([0]))
+        actions = [torch.tensor([int(a)]) for a in rng.integers(0, dynamics.A, len(due))]
+        want = [alone[i].step(a) for i, a in zip(due, actions)]
+        before, merged = Session.step.calls, batch.merge.calls
+        got = ticker.step([together[i] for i in due], actions)
         calls.append(Session.step.calls - before)
+        stacks.append(batch.merge.calls - merged)
         for w, g in zip(want, got):
             assert w.shape == g.shape
             far = np.abs(w.astype(int) - g.astype(int)) > 2  # float rounding moves a pixel by a level or so
             assert far.mean() < 0.01, f"{far.mean():.3%} of pixels differ"
     assert calls[-1] == 1, f"model calls per tick: {calls}"  # once every window is full: one call for all
+    assert stacks[-2] > 0 and stacks[-1] == 0, f"stackings per tick: {stacks}"  # kept, but not across a change
     assert [s.state.t for s in together] == [together[0].state.t] * 3
+
+
+def _counted(fn):
+    def wrapper(*a, **k):
+        wrapper.calls += 1
+        return fn(*a, **k)
+
+    wrapper.calls = 0
+    return wrapper
 
 
 @pytest.fixture
 def count_steps(monkeypatch):
-    step = Session.step
-
-    def counted(self, *a, **k):
-        counted.calls += 1
-        return step(self, *a, **k)
-
-    counted.calls = 0
-    monkeypatch.setattr(Session, "step", counted)
+    """Session.step and batch.merge (each stacking of a state's part) count their calls in `.calls`."""
+    monkeypatch.setattr(Session, "step", _counted(Session.step))
+    monkeypatch.setattr(batch, "merge", _counted(batch.merge))
 
 
 def test_batched_players_get_the_frames_they_would_get_alone(both_run, count_steps):
@@ -77,7 +91,7 @@ def test_batched_players_on_the_bundled_models(count_steps):
 
     wm = WorldModel.from_pretrained(device="cpu").fast_weights()
     _check_batched_equals_alone(wm, wm.play_dynamics, frames=10)  # what play serves
-    _check_batched_equals_alone(wm, wm.dynamics, frames=6)  # the latent model, with warp's last frame and shift
+    _check_batched_equals_alone(wm, wm.dynamics)  # the latent model, with warp's last frame and shift
 
 
 def test_number_keys_say_what_the_model_takes(tiny_run, both_run):

@@ -3,7 +3,7 @@
 One task ticks at the target rate. Each tick takes every player who is due (not paused, or asked for one
 step, or asked for a new level; and whose last frame has gone out) and runs, on the model thread, at most
 one start (a new player's or a new level's context) and then one batched step for all the others
-(`batch.step_together`: one dynamics call and one decoder call). Messages only change a player's state
+(`batch.Together`: one dynamics call and one decoder call). Messages only change a player's state
 (held keys, pause, a wanted level), so no client can make the model work for it more than once a tick,
 and a player's frame rate does not depend on what another client sends.
 
@@ -23,7 +23,7 @@ import torch
 
 from procgenie.dream import context_length
 from procgenie.errors import UserError
-from procgenie.play.batch import step_together
+from procgenie.play.batch import Together
 from procgenie.play.game import PROBATION
 from procgenie.starts import Starts
 from procgenie.vocab import MOVES, NOOP, NUM_ACTIONS
@@ -81,6 +81,7 @@ class Hub:
             self.latent_to_real = [wm.key_for_latent(k) for k in range(wm.num_latent_actions)]
             self.real_to_latent = [wm.latent_for_real_action(a) for a in range(NUM_ACTIONS)]
         self.executor.submit(self.starts.warm)  # Procgen's library loads now, not at the first player
+        self.together = Together()  # the players' stacked state, kept from tick to tick
         self.players: list = []  # in the order they came: starts are served first come, first served
         self.rng = np.random.default_rng()
         self.wake = asyncio.Event()  # set when a player may have become due
@@ -135,6 +136,7 @@ class Hub:
     def leave(self, player) -> None:
         if player in self.players:
             self.players.remove(player)
+            self.later(self.together.forget)  # on the model thread, between ticks
         player.close()
 
     async def run(self, fn, *args):
@@ -206,7 +208,7 @@ class Hub:
         if not plan:
             return []
         take = [torch.tensor([real if self.wm.play_kind == "real" else latent]) for _, _, latent, real in plan]
-        dreams = step_together([session for session, *_ in plan], take)
+        dreams = self.together.step([session for session, *_ in plan], take)
         out = []
         for (_, env, _, real), dream in zip(plan, dreams):
             env.act(np.array([real]))
