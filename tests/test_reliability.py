@@ -17,9 +17,12 @@ episode lost) spoils the end, or the rerun fails, and the test says so.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -309,20 +312,8 @@ def test_collect_killed_and_stopped_again_and_again_loses_or_doubles_no_episode(
     stop_collect(args, signal.SIGTERM, out, 2)
     counted_stays()
 
-    workers: list[int] = []
     k = len(before) + 3
-
-    def ready(proc) -> bool:
-        workers[:] = children(proc.pid) or workers  # its collector processes, while it lives
-        return len(recorded(out)) >= k
-
-    kill_when(args2, ready)  # two worker processes; main killed after 3 shards more
-    if Path("/proc/self/task").exists():  # they notice that the main process is gone and stop: no shard written after
-        assert workers, "no worker processes seen"
-        deadline = time.time() + 30
-        while any(alive(w) for w in workers) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not any(alive(w) for w in workers), "collect workers outlived their killed main process"
+    kill_when(args2, lambda _: len(recorded(out)) >= k)  # two worker processes; main killed after 3 shards more
     counted_stays()
     stop_collect(args2, signal.SIGINT, out, 2)  # SIGINT: also a terminal's Ctrl-C, all processes
     counted_stays()
@@ -337,6 +328,58 @@ def test_collect_killed_and_stopped_again_and_again_loses_or_doubles_no_episode(
     on_disk = sorted(p.name for p in (out / "shards").iterdir())
     assert on_disk == sorted(f"{n}.{kind}" for n in names for kind in ("frames.npy", "steps.npz"))  # no orphans
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shards"]  # no stray temporary files
+
+
+@pytest.mark.slow
+def test_a_stopped_collection_writes_every_finished_episode_and_a_killed_ones_workers_stop(tmp_path):
+    # The chain above cannot see either: its reruns collect whatever a stop dropped, and its workers finish their
+    # few episodes before anyone could tell a stopped worker from a finished one. Here the quota is out of reach.
+    many = ["--episodes", "1000000", "--policy", "random", "--max-steps", "60", "--envs", "8", "--workers", "2"]
+    # 1. SIGTERM with nothing written yet (no shard is ever full): every episode that the progress bar counted
+    # finished must be in the dataset, in shards written on the way out.
+    out = tmp_path / "stopped"
+    bar = r"\| (\d+)/1000000 \["
+    err: list[str] = []  # what the command wrote to stderr so far, read as it goes
+
+    def finished_some(proc) -> bool:
+        if not err:
+            reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+            reader.start()
+            err.append("")
+        return any(int(n) >= 20 for n in re.findall(bar, "".join(err[-200:])))
+
+    args = ["collect", "--out", str(out), *many, "--shard-frames", "10000000"]
+    proc = start_when(args, finished_some, subprocess.PIPE)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, "".join(err)[-2000:]
+    time.sleep(0.5)  # the reader's last characters
+    said = "".join(err)
+    counted = int(re.findall(bar, said)[-1])  # the bar's last count, drawn as it closed
+    have = sum(s["episodes"] for s in recorded(out))
+    assert counted > 0 and have == counted, f"{counted} episodes finished, {have} written"
+    assert f"with {have} of 1000000 episodes written" in said
+    assert run_cli("data", "validate", str(out)).returncode == 0
+
+    # 2. SIGKILL: the main process cannot tell its workers; they must see it gone and stop, not play on (or hang
+    # on a full queue) writing shards that nothing records.
+    if not Path("/proc/self/task").exists():
+        pytest.skip("finding a process's children needs Linux's /proc")
+    out, workers = tmp_path / "killed", []
+
+    def two_workers_and_a_shard(proc) -> bool:
+        workers[:] = children(proc.pid) or workers  # its workers (and multiprocessing's helper), while it lives
+        return len(workers) >= 2 and len(recorded(out)) >= 2
+
+    try:
+        kill_when(["collect", "--out", str(out), *many, "--shard-frames", "300"], two_workers_and_a_shard)
+        deadline = time.time() + 15
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(w) for w in workers), "collect workers outlived their killed main process by 15 s"
+    finally:
+        for w in workers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
 
 
 HOLDER = r"""
