@@ -339,20 +339,20 @@ def test_a_stopped_collection_writes_every_finished_episode_and_a_killed_ones_wo
     # finished must be in the dataset, in shards written on the way out.
     out = tmp_path / "stopped"
     bar = r"\| (\d+)/1000000 \["
-    err: list[str] = []  # what the command wrote to stderr so far, read as it goes
+    err: list[str] = []  # what the command wrote to stderr so far, read as it goes, until it closes
+    reader: list[threading.Thread] = []
 
     def finished_some(proc) -> bool:
-        if not err:
-            reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
-            reader.start()
-            err.append("")
+        if not reader:
+            reader.append(threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), ""))))
+            reader[0].start()
         return any(int(n) >= 20 for n in re.findall(bar, "".join(err[-200:])))
 
     args = ["collect", "--out", str(out), *many, "--shard-frames", "10000000"]
     proc = start_when(args, finished_some, subprocess.PIPE)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, "".join(err)[-2000:]
-    time.sleep(0.5)  # the reader's last characters
+    reader[0].join(timeout=10)  # the last characters, up to the end of the stream
     said = "".join(err)
     counted = int(re.findall(bar, said)[-1])  # the bar's last count, drawn as it closed
     have = sum(s["episodes"] for s in recorded(out))
