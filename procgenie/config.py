@@ -122,6 +122,7 @@ class DynamicsConfig:
         "warp: what the moved last frame gives the next frame: 'codes' (the tokenizer's codes of it: an encoder "
         "pass per moving frame) or 'pixels' (its pixels per position through a linear layer: no encoder pass)",
     )
+    warp_recon: float = _f(0.0, "warp: share of training clips whose prior is moved from decoded codes")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per frame")
     decode: str = _f(
         "sample",
@@ -136,6 +137,8 @@ class DynamicsConfig:
     def __post_init__(self):
         if self.warp_prior not in ("codes", "pixels"):
             raise UserError(f"dynamics warp_prior must be 'codes' or 'pixels', got {self.warp_prior!r:.40}")
+        if not 0 <= self.warp_recon <= 1:
+            raise UserError(f"dynamics warp_recon is a share of clips, 0 to 1: got {self.warp_recon}")
 
 
 @dataclass

@@ -60,8 +60,10 @@ class Session:
             self.state = dyn.start(codes, torch.cat([first, between], 1), moving)
             self.dec_caches = tok.decoder.new_caches(tok.cfg.seq_len - 1)
             pos = torch.arange(C, device=wm.device)
-            tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)  # fill the decoder's cache
+            decoded = tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)  # fills the decoder's cache
         self.last = ctx[:, -1]  # (B, H, W, 3) uint8: what a warp model moves into the next frame's prior
+        if dyn.cfg.warp_recon > 0:  # a model trained on decoded priors steps on a decoded one from the first frame
+            self.last = torch.from_numpy(to_uint8(decoded[:, -1])).to(wm.device)
         self.last_codes = codes[:, -1]  # (B, N, G): the prior of a warp model's frame that does not move
         self.frame_shape = tuple(context.shape[2:])
 

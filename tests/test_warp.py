@@ -21,6 +21,7 @@ from procgenie.nn.warp import (
     pixel_patches,
     shift_frames,
     shifts_into,
+    training_priors,
     warped_prior,
 )
 
@@ -275,3 +276,27 @@ def test_a_pixel_prior_model_generates_what_its_training_pass_predicts(velocity)
     with torch.no_grad():
         moved, _ = dyn.teacher_forced_logits(codes, acts, torch.ones(1, T - 1, 64, 1, dtype=torch.bool), other)
     assert not torch.allclose(logits, moved)
+
+
+@pytest.mark.parametrize("recon", [0.0, 1.0])
+def test_warp_recon_trains_on_the_prior_a_rollout_steps_on_and_the_real_camera_shift(recon):
+    """warp_recon=1: each prior is moved from the tokenizer's decoding of the last frame's codes (as a rollout moves
+    its own decoded frame), never from the frame itself; the shift the head learns is still the real frames'."""
+    dyn = pixel_dynamics(warp_jitter=0.0, warp_recon=recon)
+    frames = torch.stack([shift_frames(texture(B=2, seed=1), torch.tensor([[-2 * t, t]] * 2)) for t in range(4)], 1)
+    codes = torch.randint(0, 50, (2, 4, 64, 1))
+
+    class Tokenizer:  # decodes each code map to its own flat grey: nothing of the real frames
+        def decode(self, codes_BTNG):
+            grey = codes_BTNG.float().mean((2, 3)) / 50  # (B, T)
+            return grey[:, :, None, None, None].expand(*codes_BTNG.shape[:2], 64, 64, 3)
+
+    prior, shift = training_priors(dyn, Tokenizer(), frames, codes)
+    assert shift.tolist() == [[[-2, 1]] * 3] * 2  # the real camera's, from the real frames
+    seen = frames[:, :-1] if recon == 0 else (Tokenizer().decode(codes[:, :-1]) * 255).round().to(torch.uint8)
+    want = shift_frames(seen.flatten(0, 1), shift.flatten(0, 1)).unflatten(0, (2, 3))
+    assert torch.equal(prior, want)
+    with pytest.raises(UserError, match="warp_recon"):
+        from procgenie.config import DynamicsConfig
+
+        DynamicsConfig(warp_recon=1.5)

@@ -31,11 +31,18 @@ from einops import rearrange
 
 from procgenie.config import DynamicsConfig
 from procgenie.errors import UserError
-from procgenie.metrics import frame_shift
 from procgenie.nn.blocks import STTransformer, init_weights, window_mask
 from procgenie.nn.maskgit import pick
 from procgenie.nn.stage import StageModel
-from procgenie.nn.warp import PIXEL_PATCH, SHIFTS, next_prior, owed_shift, pixel_patches, shift_classes, shifts_into
+from procgenie.nn.warp import (
+    PIXEL_PATCH,
+    SHIFTS,
+    owed_shift,
+    pixel_patches,
+    shift_classes,
+    shifts_into,
+    training_priors,
+)
 
 
 def two_stream_mask(T: int, device) -> torch.Tensor:
@@ -151,17 +158,10 @@ class Dynamics(StageModel):
         with torch.no_grad():
             codes = self._frozen.tokenizer.encode(frames)
             actions = batch["actions"] if self.real else self._frozen.lam.infer(frames)
-            prior, shift = self._warp_targets(frames) if self.cfg.warp else (None, None)
+            prior, shift = (
+                training_priors(self, self._frozen.tokenizer, frames, codes) if self.cfg.warp else (None, None)
+            )
         return self.code_loss(codes, actions, prior, shift)
-
-    def _warp_targets(self, frames_BTHWC):
-        """warp: the priors (B, T-1, N, G; pixels) of frames 2..T and the real camera shifts (B, T-1, 2) into them."""
-        B, T, prev, nxt = *frames_BTHWC.shape[:2], frames_BTHWC[:, :-1].flatten(0, 1), frames_BTHWC[:, 1:].flatten(0, 1)
-        shift = frame_shift(prev, nxt)  # the real camera's, what the shift head learns
-        off = torch.randint(-1, 2, shift.shape, device=shift.device)  # the prior, sometimes a little off, as a
-        jitter = torch.rand(shift.shape[0], 1, device=shift.device) < self.cfg.warp_jitter  # predicted one may be
-        prior = next_prior(self, self._frozen.tokenizer, prev, shift + off * jitter)
-        return prior.unflatten(0, (B, T - 1)), shift.unflatten(0, (B, T - 1))
 
     def code_loss(self, codes, actions, prior=None, shift=None) -> tuple[torch.Tensor, dict]:
         """MaskGIT's loss on codes (B, T, N, G) and the actions between their frames (B, T-1): cross-entropy of

@@ -18,6 +18,8 @@ import math
 import torch
 from einops import rearrange
 
+from procgenie.metrics import frame_shift
+
 MAX_SHIFT = 6  # pixels a frame: CoinRun's fastest camera moves less (metrics.frame_shift's default range)
 SHIFTS = 2 * MAX_SHIFT + 1  # classes per axis
 PIXEL_PATCH = 8  # warp_prior='pixels': the side of the pixel square that each position of the prior reads
@@ -87,3 +89,21 @@ def next_prior(dyn, tokenizer, last_BHWC: torch.Tensor, shift_B2: torch.Tensor, 
     if dyn.cfg.warp_prior == "pixels":
         return shift_frames(last_BHWC, shift_B2)
     return warped_prior(tokenizer, last_BHWC, shift_B2, last_codes)
+
+
+@torch.no_grad()
+def training_priors(dyn, tokenizer, frames_BTHWC: torch.Tensor, codes_BTNG: torch.Tensor):
+    """What a warp model trains on: the priors of frames 2..T (next_prior's, (B, T-1, ...)) and the real camera's
+    shifts (B, T-1, 2) into them, which the shift head learns. warp_jitter's share of priors are moved by a shift up
+    to 1 px off, as a predicted one may be; warp_recon's share of clips' priors are moved from the tokenizer's
+    decoding of the last frame's codes (B, T, N, G), as a rollout moves its own decoded frames."""
+    B, T = frames_BTHWC.shape[:2]
+    prev = frames_BTHWC[:, :-1]
+    shift = frame_shift(prev.flatten(0, 1), frames_BTHWC[:, 1:].flatten(0, 1))
+    if dyn.cfg.warp_recon > 0:
+        decoded = (tokenizer.decode(codes_BTNG[:, :-1]).float() * 255).round().to(torch.uint8)
+        prev = torch.where(torch.rand(B, 1, 1, 1, 1, device=prev.device) < dyn.cfg.warp_recon, decoded, prev)
+    off = torch.randint(-1, 2, shift.shape, device=shift.device)
+    jitter = torch.rand(shift.shape[0], 1, device=shift.device) < dyn.cfg.warp_jitter
+    prior = next_prior(dyn, tokenizer, prev.flatten(0, 1), shift + off * jitter)
+    return prior.unflatten(0, (B, T - 1)), shift.unflatten(0, (B, T - 1))
