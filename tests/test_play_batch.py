@@ -87,9 +87,12 @@ def test_batched_players_get_the_frames_they_would_get_alone(both_run, count_ste
 
 @pytest.mark.slow
 def test_batched_players_on_the_bundled_models(count_steps):
+    """In fp32: a bf16 product's rounding depends on the batch's shape (oneDNN picks other kernels for 1 and 3
+    rows), and on an avx512_bf16 CPU, where play computes in bf16, 6% of pixels differed by more than 2 levels
+    within 10 frames, from codes picked the other way (README, *Playing together*). fp32 checks the stacking."""
     from procgenie.world import WorldModel
 
-    wm = WorldModel.from_pretrained(device="cpu").fast_weights()
+    wm = WorldModel.from_pretrained(device="cpu", precision="fp32").fast_weights()
     _check_batched_equals_alone(wm, wm.play_dynamics, frames=10)  # what play serves
     _check_batched_equals_alone(wm, wm.dynamics)  # the latent model, with warp's last frame and shift
 

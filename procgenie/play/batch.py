@@ -15,7 +15,8 @@ hub's usual tick) steps the stacked state it left, without stacking again (`Toge
 cached key and value: four players' call took 77-80 instead of 83-89 ms through the server on a 2-core CPU.
 Sampling models (decode='sample' with a temperature) draw a group's codes from its first session's generator,
 so a batched player's samples differ from those it would draw alone; expected-level decoding (the bundled
-models) draws nothing, and a batched player's frames are the ones it would get alone.
+models) draws nothing, and a batched player's frames are the ones it would get alone, up to the rounding of bf16
+products, which depends on the batch's shape (in bf16 a code may then be picked the other way).
 
 Letters: B batch (players), N tokens per frame, H heads, S cached frames, K head size.
 """
