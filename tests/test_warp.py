@@ -300,3 +300,18 @@ def test_warp_recon_trains_on_the_prior_a_rollout_steps_on_and_the_real_camera_s
         from procgenie.config import DynamicsConfig
 
         DynamicsConfig(warp_recon=1.5)
+
+
+def test_a_model_trained_on_decoded_priors_steps_on_its_decoded_context_frame():
+    """The bundled latent model (warp_recon=1) moves the tokenizer's decoding of the last context frame into its first
+    prior, as it moves its own decoded frames after that; play's model (warp_recon=0) moves the frame itself."""
+    from procgenie.session import Session
+
+    wm = WorldModel.from_pretrained(device="cpu", precision="fp32")
+    assert wm.dynamics.cfg.warp_recon == 1 and wm.play_dynamics.cfg.warp_recon == 0
+    ctx = np.random.default_rng(0).integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)  # noise: no tokenizer keeps it
+    decoded = wm.reconstruct(ctx)[:, -1]
+    last = Session(wm, ctx).last.numpy()
+    assert (np.abs(last.astype(int) - decoded.astype(int)) > 2).mean() < 0.001
+    assert np.abs(last.astype(int) - ctx[:, -1].astype(int)).mean() > 20
+    assert np.array_equal(Session(wm, ctx, dynamics=wm.play_dynamics).last.numpy(), ctx[:, -1])
