@@ -11,6 +11,7 @@ import torch
 
 from procgenie.errors import UserError
 from procgenie.metrics import frame_shift
+from procgenie.nn.tokenizer import from_float
 from procgenie.nn.warp import next_prior
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Frames in [0, 1] (any float dtype, any device) -> uint8 numpy."""
-    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return from_float(x).cpu().numpy()
 
 
 class Session:
@@ -63,7 +64,7 @@ class Session:
             decoded = tok.decode(codes, caches=self.dec_caches, pos=pos, commit=True)  # fills the decoder's cache
         self.last = ctx[:, -1]  # (B, H, W, 3) uint8: what a warp model moves into the next frame's prior
         if dyn.cfg.warp_recon > 0:  # a model trained on decoded priors steps on a decoded one from the first frame
-            self.last = torch.from_numpy(to_uint8(decoded[:, -1])).to(wm.device)
+            self.last = from_float(decoded[:, -1])
         self.last_codes = codes[:, -1]  # (B, N, G): the prior of a warp model's frame that does not move
         self.frame_shape = tuple(context.shape[2:])
 

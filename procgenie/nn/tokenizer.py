@@ -26,6 +26,11 @@ def to_float(frames_BTHWC: torch.Tensor) -> torch.Tensor:
     return frames_BTHWC.float() / 255.0
 
 
+def from_float(x: torch.Tensor) -> torch.Tensor:
+    """Frames in [0, 1] (any float dtype) -> uint8, rounded, on the same device: to_float's inverse."""
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean over frames of per-frame PSNR; x, y (B, T, H, W, C) in [0, 1]."""
     mse = (x.float() - y.float()).pow(2).flatten(2).mean(-1).clamp(min=1e-10)

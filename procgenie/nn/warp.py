@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 
 from procgenie.metrics import frame_shift
+from procgenie.nn.tokenizer import from_float
 
 MAX_SHIFT = 6  # pixels a frame: CoinRun's fastest camera moves less (metrics.frame_shift's default range)
 SHIFTS = 2 * MAX_SHIFT + 1  # classes per axis
@@ -100,9 +101,11 @@ def training_priors(dyn, tokenizer, frames_BTHWC: torch.Tensor, codes_BTNG: torc
     B, T = frames_BTHWC.shape[:2]
     prev = frames_BTHWC[:, :-1]
     shift = frame_shift(prev.flatten(0, 1), frames_BTHWC[:, 1:].flatten(0, 1))
-    if dyn.cfg.warp_recon > 0:
-        decoded = (tokenizer.decode(codes_BTNG[:, :-1]).float() * 255).round().to(torch.uint8)
-        prev = torch.where(torch.rand(B, 1, 1, 1, 1, device=prev.device) < dyn.cfg.warp_recon, decoded, prev)
+    if dyn.cfg.warp_recon > 0:  # only the chosen clips are decoded
+        chosen = torch.rand(B, device=prev.device) < dyn.cfg.warp_recon
+        if chosen.any():
+            prev = prev.clone()
+            prev[chosen] = from_float(tokenizer.decode(codes_BTNG[chosen, :-1]))
     off = torch.randint(-1, 2, shift.shape, device=shift.device)
     jitter = torch.rand(shift.shape[0], 1, device=shift.device) < dyn.cfg.warp_jitter
     prior = next_prior(dyn, tokenizer, prev.flatten(0, 1), shift + off * jitter)
